@@ -1,0 +1,28 @@
+"""tsam_fast: Tilted Sharpness-Aware Minimization for PyTorch, fused over flat parameter buffers.
+
+    from tsam_fast import TSAM
+    opt = TSAM(model.parameters(), torch.optim.SGD, tilt=1.0, num_samples=3, lr=0.1, momentum=0.9)
+    tilted_loss = opt.step(closure)
+
+``backend_info()`` says which backends (reference, cpp, triton) can run here and why not.
+"""
+
+from .backends import BackendStatus, BackendUnavailable, backend_info
+from .batchnorm import bn_update_once_per_step
+from .optimizer import TSAM, NonFiniteLossError
+from .schedules import LinearTilt, linear_decay, linear_warmup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TSAM",
+    "NonFiniteLossError",
+    "BackendStatus",
+    "BackendUnavailable",
+    "backend_info",
+    "bn_update_once_per_step",
+    "LinearTilt",
+    "linear_warmup",
+    "linear_decay",
+    "__version__",
+]

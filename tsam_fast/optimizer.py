@@ -1,0 +1,433 @@
+"""TSAM: Tilted Sharpness-Aware Minimization as a ``torch.optim`` optimizer.
+
+The class decides *what* happens in a step (``TSAM_SPEC.md`` sections 2-3); the backend's fused ops
+(``tsam_fast.backends``) do the element-wise work over flat buffers (``tsam_fast.flat``). The step's
+scalars -- norms, the running max ``m`` and normaliser ``Z`` of the tilt, the losses and weights --
+stay on the device as 0-dim tensors: the only host sync is the optional finiteness check at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+
+from . import rng
+from .backends import BACKENDS, resolve_backend
+from .flat import FlatLayout
+
+__all__ = ["TSAM", "NonFiniteLossError"]
+
+SAMPLERS = ("ascent", "random", "hmc")
+STARTS = ("gaussian", "sphere", "ball", "none")
+# Hyperparameters a param group may override.
+GROUP_KEYS = ("tilt", "rho", "radius")
+# Added to norms before dividing, as in the widely used SAM implementations.
+_NORM_EPS = 1e-12
+_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
+
+
+class NonFiniteLossError(RuntimeError):
+    """A closure returned a NaN or infinite loss; the step was undone (parameters back at theta0)."""
+
+
+def _check_number(name: str, value, low: float = 0.0, allow_none: bool = False, strict: bool = False):
+    if value is None and allow_none:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
+            (value <= low if strict else value < low):
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ValueError(f"invalid {name}={value!r}: expected a finite number {bound}")
+    return float(value)
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"invalid {name}={value!r}: expected an integer >= {low}")
+    return int(value)
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"invalid {name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def _check_tilt(value):
+    if callable(value):
+        return value
+    return _check_number("tilt", value)
+
+
+class TSAM(torch.optim.Optimizer):
+    r"""Tilted SAM (Li, Zhou & Bilmes, ICML 2025) around any ``torch.optim`` base optimizer.
+
+    Each :meth:`step` draws ``num_samples`` perturbations :math:`\epsilon_j` around the parameters
+    :math:`\theta`, evaluates the closure at :math:`\theta + \epsilon_j` and hands the base optimizer the
+    tilted gradient :math:`\sum_j w_j \nabla L(\theta+\epsilon_j)` with
+    :math:`w = \mathrm{softmax}(t \cdot L)`, accumulated online in log-sum-exp form (one fp32
+    accumulator, whatever ``num_samples``). The base optimizer then steps from the restored
+    :math:`\theta`.
+
+    Args:
+        params: parameters or param groups (groups may override ``tilt``, ``rho``, ``radius`` and any
+            base-optimizer option).
+        base_optimizer: the base optimizer *class*, e.g. ``torch.optim.SGD``.
+        tilt: t >= 0, or a callable ``step -> t`` (``tsam_fast.schedules``). 0 averages the samples'
+            gradients; large t approaches the worst sample's gradient (SAM's objective).
+        num_samples: s >= 1 perturbations per step.
+        sampler: ``"ascent"`` (random start, then one normalized ascent step of length ``rho``: 2
+            closure calls per sample), ``"random"`` (the random start only: 1 call) or ``"hmc"``
+            (random start, then ``hmc_steps`` leapfrog steps: 1 + hmc_steps calls).
+        start: random start over all trainable parameters jointly: ``"gaussian"`` (noise_scale * xi
+            clipped to norm ``radius``), ``"sphere"`` (norm exactly ``radius``), ``"ball"`` (uniform in
+            the ball of radius ``radius``) or ``"none"``.
+        radius, noise_scale, rho: r, the Gaussian scale, the ascent step length.
+        adaptive: ASAM-style ascent, scaled element-wise by ``|theta|`` (``ascent`` only).
+        max_grad_norm: clip each sample's gradient to this global norm before it is accumulated.
+        delta: the weights use ``softmax((t - delta) * L)`` (the paper's correction when the sampler
+            is already tilted by delta); the reported tilted loss uses t.
+        hmc_steps, hmc_step_size, hmc_sigma: K leapfrog steps, step size alpha, momentum scale sigma.
+        seed: the noise seed; with the step counter it fixes every perturbation (saved in state_dict).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (see ``tsam_fast.backend_info()``).
+        check_finite: raise :class:`NonFiniteLossError` (and undo the step) when a loss is NaN/inf.
+            This reads one flag on the host at the end of each step; ``False`` makes the step free of
+            host syncs, and non-finite losses then propagate as in any torch optimizer.
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
+
+    The closure evaluates the loss at the current (perturbed) parameters and calls ``backward()``;
+    ``step`` zeroes the gradients before each call itself. ``step`` returns the tilted loss estimate
+    ``(1/t) log mean_j exp(t L_j)`` (the mean at t = 0) as a 0-dim tensor; ``last_losses`` and
+    ``last_weights`` hold the last step's per-sample losses and weights (group 0's tilt).
+    """
+
+    def __init__(self, params, base_optimizer, *, tilt: Union[float, Callable[[int], float]] = 1.0,
+                 num_samples: int = 3, sampler: str = "ascent", start: str = "gaussian",
+                 radius: float = 1.0, noise_scale: float = 1.0, rho: float = 0.05,
+                 adaptive: bool = False, max_grad_norm: Optional[float] = None, delta: float = 0.0,
+                 hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
+                 seed: int = 0, backend: str = "auto", check_finite: bool = True, **base_kwargs):
+        if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
+            raise TypeError("base_optimizer must be an optimizer class such as torch.optim.SGD "
+                            f"(got {base_optimizer!r}); its options go in TSAM's keyword arguments")
+        self.num_samples = _check_int("num_samples", num_samples, 1)
+        self.sampler = _check_choice("sampler", sampler, SAMPLERS)
+        self.start = _check_choice("start", start, STARTS)
+        self.noise_scale = _check_number("noise_scale", noise_scale)
+        self.adaptive = bool(adaptive)
+        if self.adaptive and sampler != "ascent":
+            raise ValueError(f"adaptive=True scales the ascent step; it needs sampler='ascent' (got {sampler!r})")
+        self.max_grad_norm = _check_number("max_grad_norm", max_grad_norm, allow_none=True, strict=True)
+        self.delta = _check_number("delta", delta)
+        self.hmc_steps = _check_int("hmc_steps", hmc_steps, 1)
+        self.hmc_step_size = _check_number("hmc_step_size", hmc_step_size)
+        self.hmc_sigma = _check_number("hmc_sigma", hmc_sigma)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"invalid seed={seed!r}: expected an integer")
+        self.seed = int(seed)
+        self.backend = _check_choice("backend", backend, ("auto",) + BACKENDS)
+        self.check_finite = bool(check_finite)
+        defaults = dict(tilt=_check_tilt(tilt), rho=_check_number("rho", rho),
+                        radius=_check_number("radius", radius), **base_kwargs)
+        self._layout: Optional[FlatLayout] = None
+        self._backends: Dict[torch.device, object] = {}
+        self._step_count = 0
+        self._closure_index: Optional[int] = None
+        self.last_losses: Optional[torch.Tensor] = None
+        self.last_weights: Optional[torch.Tensor] = None
+        super().__init__(params, defaults)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        # Resolve backends now: an explicitly requested backend that cannot run fails at construction.
+        for device in {p.device for g in self.param_groups for p in g["params"]}:
+            self._backend_for(device)
+
+    # -- param groups and state -----------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        for key in GROUP_KEYS:
+            if key in param_group:
+                param_group[key] = _check_tilt(param_group[key]) if key == "tilt" else \
+                    _check_number(key, param_group[key])
+        if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        for key in GROUP_KEYS:
+            param_group.setdefault(key, self.defaults[key])
+        self.base_optimizer.add_param_group(param_group)
+        for p in param_group["params"]:  # a list now: the base optimizer normalised it
+            self._backend_for(p.device)
+        self._invalidate_layout()
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state_dict plus ``"tsam"``: the step counter and seed.
+
+        Callable tilts (schedules) are code, not state: they are saved as None and the optimizer's
+        own schedule is kept on load.
+        """
+        sd = self.base_optimizer.state_dict()
+        for group in sd["param_groups"]:
+            if callable(group.get("tilt")):
+                group["tilt"] = None
+        sd["tsam"] = {"step": self._step_count, "seed": self.seed}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "tsam" not in state_dict:
+            raise ValueError("not a TSAM state_dict (no 'tsam' entry); for a plain base-optimizer "
+                             "state_dict use opt.base_optimizer.load_state_dict(...)")
+        sd = dict(state_dict)
+        tsam = sd.pop("tsam")
+        tilts = [g["tilt"] for g in self.param_groups]
+        self.base_optimizer.load_state_dict(sd)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group, tilt in zip(self.param_groups, tilts):
+            if group.get("tilt") is None:
+                group["tilt"] = tilt
+        self._step_count = int(tsam["step"])
+        self.seed = int(tsam["seed"])
+        self._invalidate_layout()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim``; inside a step's closure it zeroes the flat views and keeps them attached."""
+        if self._closure_index is not None and self._layout is not None:
+            self._layout.zero_grads_in_step()
+            return
+        super().zero_grad(set_to_none)
+
+    @property
+    def closure_index(self) -> Optional[int]:
+        """0-based index of the closure call in progress during :meth:`step`; None outside a step."""
+        return self._closure_index
+
+    @property
+    def step_count(self) -> int:
+        """Completed TSAM steps (the noise counter; saved in state_dict)."""
+        return self._step_count
+
+    def extra_memory_bytes(self) -> int:
+        """Bytes of the optimizer's own buffers (theta0, the fp32 accumulator, HMC momentum)."""
+        return 0 if self._layout is None else sum(b.state_bytes() for b in self._layout.buckets)
+
+    def backend_name(self, device: Union[str, torch.device] = "cpu") -> str:
+        """The name of the backend that runs this optimizer's ops for parameters on ``device``."""
+        return self._backend_for(torch.device(device)).name
+
+    def _backend_for(self, device: torch.device):
+        if device not in self._backends:
+            self._backends[device] = resolve_backend(self.backend, device.type)
+        return self._backends[device]
+
+    def _invalidate_layout(self) -> None:
+        if self._layout is not None:
+            self._layout.remove_hooks()
+            self._layout = None
+
+    def _ensure_layout(self) -> FlatLayout:
+        layout = self._layout
+        if layout is not None and layout.signature != FlatLayout.signature_of(self.param_groups):
+            self._invalidate_layout()  # params added/frozen/unfrozen: repack (values are copied over)
+            layout = None
+        if layout is None:
+            layout = self._layout = FlatLayout(self.param_groups)
+        layout.verify()
+        for bucket in layout.buckets:
+            bucket.ensure_state(self.sampler == "hmc")
+        return layout
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def _tilt_at(self, group) -> float:
+        t = group["tilt"]
+        if callable(t):
+            t = _check_number("tilt (from the schedule)", t(self._step_count))
+        return t
+
+    def _call(self, closure, layout: FlatLayout, device: torch.device) -> torch.Tensor:
+        """One closure call at the current parameters: gradients zeroed first, loss validated."""
+        layout.begin_call()
+        with torch.enable_grad():
+            loss = closure()
+        self._closure_index += 1
+        if loss is None:
+            raise ValueError("the closure returned None: it must return the loss (after calling loss.backward())")
+        if not isinstance(loss, torch.Tensor):
+            if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+                loss = torch.tensor(float(loss))
+            else:
+                raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}; "
+                             "reduce it (e.g. .mean()) before backward")
+        if not loss.is_floating_point():
+            raise TypeError(f"the closure returned a {loss.dtype} loss; return the floating-point loss tensor")
+        if not layout.end_call():
+            raise RuntimeError("no parameter received a gradient during the closure: it must call "
+                               "loss.backward() (TSAM zeroes gradients before each call itself)")
+        return loss.detach().reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
+
+    @torch.no_grad()
+    def step(self, closure=None) -> torch.Tensor:
+        """One TSAM step; returns the tilted loss estimate (0-dim tensor, no host sync)."""
+        if closure is None:
+            raise ValueError("TSAM.step needs a closure that evaluates the loss and calls backward(): "
+                             "opt.step(lambda: (loss := criterion(model(x), y)).backward() or loss)")
+        if self._closure_index is not None:
+            raise RuntimeError("TSAM.step was called from inside its own closure")
+        layout = self._ensure_layout()
+        buckets = layout.buckets
+        if not buckets:
+            raise ValueError("TSAM has no trainable parameters (all have requires_grad=False)")
+        dev = buckets[0].device
+        groups = self.param_groups
+        taus: Dict[float, dict] = {}  # the tilt bookkeeping (m, Z) per distinct weight temperature
+        group_tau = []
+        for group in groups:
+            tau = self._tilt_at(group) - self.delta
+            group_tau.append(tau)
+            taus.setdefault(tau, {})
+        tilt0 = self._tilt_at(groups[buckets[0].group_index])
+        s = self.num_samples
+        k = self._step_count
+
+        def per_bucket(values: List[torch.Tensor], b):
+            return values[b.group_index].to(b.device, non_blocking=True)
+
+        def scalar(x: float) -> torch.Tensor:
+            return torch.full((), x, dtype=torch.float32, device=dev)
+
+        def global_sqnorm(fn) -> torch.Tensor:
+            total = None
+            for b in buckets:
+                part = fn(b).to(dev, non_blocking=True)
+                total = part if total is None else total + part
+            return total
+
+        def start_coefs(j: int):
+            """Seed and per-group coefficient c of the random start theta0 + c * xi of sample j."""
+            if self.start == "none":
+                return None, [scalar(0.0) for _ in groups]
+            seed = rng.stream_seed(self.seed, k, j, rng.STREAM_START)
+            norm = global_sqnorm(lambda b: self._backends[b.device].noise_sqnorm(b.runs, seed, b.device)).sqrt()
+            norm = norm.clamp_min(1e-30)
+            coefs = []
+            for group in groups:
+                r = group["radius"]
+                if self.start == "gaussian":  # scale*xi, clipped to norm r
+                    coefs.append(torch.clamp_max(r / norm, self.noise_scale))
+                elif self.start == "sphere":
+                    coefs.append(r / norm)
+                else:  # ball: radius r * u^(1/d), u ~ U(0, 1) drawn from its own stream on the host
+                    u = rng.host_uniform(rng.stream_seed(self.seed, k, j, rng.STREAM_RADIUS))
+                    coefs.append(r * rng.log_uniform_radius(u, layout.trainable_numel) / norm)
+            return seed, coefs
+
+        finite = torch.ones((), dtype=torch.bool, device=dev)
+        losses = torch.empty(s, dtype=torch.float32, device=dev)
+        layout.begin_step()
+        self._closure_index = 0
+        backed_up = False
+        try:
+            seed, coefs = start_coefs(0)
+            for b in buckets:
+                self._backends[b.device].perturb(b.param, b.backup, b.runs, seed, per_bucket(coefs, b), True)
+            backed_up = True
+            for j in range(s):
+                if self.sampler == "ascent":
+                    loss = self._call(closure, layout, dev)
+                    finite &= torch.isfinite(loss)
+                    if self.adaptive:
+                        gsq = global_sqnorm(lambda b: self._backends[b.device].sqnorm(b.grad, b.backup))
+                    else:
+                        gsq = global_sqnorm(lambda b: self._backends[b.device].sqnorm(b.grad))
+                    inv = 1.0 / (gsq.sqrt() + _NORM_EPS)
+                    one = scalar(1.0)
+                    for b in buckets:
+                        kick = (groups[b.group_index]["rho"] * inv).to(b.device, non_blocking=True)
+                        self._backends[b.device].leapfrog(b.param, b.grad, kick, one.to(b.device),
+                                                          precond=b.backup if self.adaptive else None)
+                elif self.sampler == "hmc":
+                    mseed = rng.stream_seed(self.seed, k, j, rng.STREAM_MOMENTUM)
+                    sigma = scalar(self.hmc_sigma)
+                    for b in buckets:
+                        self._backends[b.device].fill_noise(b.momentum, b.runs, mseed, sigma.to(b.device))
+                    alpha = scalar(self.hmc_step_size)
+                    for step in range(self.hmc_steps):
+                        loss = self._call(closure, layout, dev)
+                        finite &= torch.isfinite(loss)
+                        # kick-drift-kick with the trailing and next leading half kicks merged
+                        kick = scalar(self.hmc_step_size * (0.5 if step == 0 else 1.0))
+                        for b in buckets:
+                            self._backends[b.device].leapfrog(b.param, b.grad, kick.to(b.device),
+                                                              alpha.to(b.device), momentum=b.momentum)
+                loss = self._call(closure, layout, dev)
+                finite &= torch.isfinite(loss)
+                losses[j] = loss
+                clip = None
+                if self.max_grad_norm is not None:
+                    gn = global_sqnorm(lambda b: self._backends[b.device].sqnorm(b.grad)).sqrt()
+                    finite &= torch.isfinite(gn)
+                    clip = torch.clamp_max(self.max_grad_norm / (gn + _CLIP_EPS), 1.0)
+                # online log-sum-exp: m' = max(m, tau L); a = exp(m - m'); e = exp(tau L - m'); Z = a Z + e
+                a_of, b_of = {}, {}
+                for tau, st in taus.items():
+                    x = loss * tau
+                    if j == 0:
+                        st["m"], st["z"] = x, torch.ones_like(x)
+                        a_of[tau], e = torch.zeros_like(x), torch.ones_like(x)
+                    else:
+                        m_new = torch.maximum(st["m"], x)
+                        a_of[tau], e = torch.exp(st["m"] - m_new), torch.exp(x - m_new)
+                        st["m"], st["z"] = m_new, st["z"] * a_of[tau] + e
+                    b_of[tau] = e if clip is None else e * clip
+                a_g = [a_of[tau] for tau in group_tau]
+                b_g = [b_of[tau] for tau in group_tau]
+                if j + 1 < s:
+                    seed, coefs = start_coefs(j + 1)
+                    for b in buckets:
+                        self._backends[b.device].tilt_accumulate(
+                            b.acc, b.grad, per_bucket(a_g, b), per_bucket(b_g, b), j == 0,
+                            b.param, b.backup, b.runs, seed, per_bucket(coefs, b))
+                else:
+                    inv_z = [1.0 / taus[tau]["z"] for tau in group_tau]
+                    for b in buckets:
+                        self._backends[b.device].finalize(
+                            b.acc, b.grad, per_bucket(a_g, b), per_bucket(b_g, b), per_bucket(inv_z, b),
+                            j == 0, b.param, b.backup)
+        except BaseException:
+            self._restore(layout, backed_up)
+            raise
+        finally:
+            self._closure_index = None
+        layout.end_step()
+        tau0 = group_tau[buckets[0].group_index]
+        self.last_losses = losses
+        self.last_weights = torch.softmax(losses * tau0, dim=0)
+        if tilt0 > 0:
+            tilted = (torch.logsumexp(losses * tilt0, dim=0) - math.log(s)) / tilt0
+        else:
+            tilted = losses.mean()
+        if self.check_finite and not bool(finite):  # the step's one host sync; check_finite=False skips it
+            for p in layout.params:
+                p.grad = None
+            raise NonFiniteLossError(
+                f"a closure call of TSAM step {k} returned a non-finite loss or gradient norm "
+                f"(sample losses {losses.tolist()}); the parameters were restored and the optimizer "
+                "state is unchanged. Lower the learning rate, rho or radius, or check the data.")
+        self.base_optimizer.step()
+        self._step_count += 1
+        return tilted
+
+    def _restore(self, layout: FlatLayout, backed_up: bool) -> None:
+        """Undo a step that failed mid-way: parameters back to theta0, no gradients left behind."""
+        layout.active = False
+        if backed_up:
+            for b in layout.buckets:
+                b.param.copy_(b.backup)
+        for p in layout.params:
+            p.grad = None
