@@ -7,12 +7,10 @@ falls back; an explicitly requested backend that cannot run raises ``BackendUnav
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
-from .base import Backend, BackendUnavailable
+from .base import Backend, BackendStatus, BackendUnavailable
 from .reference import ReferenceBackend
 
 __all__ = ["Backend", "BackendUnavailable", "BackendStatus", "backend_info", "resolve_backend", "BACKENDS"]
@@ -25,37 +23,21 @@ BACKENDS = ("reference", "cpp", "triton")
 _PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
 
 
-@dataclass(frozen=True)
-class BackendStatus:
-    name: str
-    available: bool
-    devices: Tuple[str, ...]
-    reason: str
-
-    def __str__(self) -> str:
-        state = "available" if self.available else "unavailable"
-        where = ", ".join(self.devices) or "-"
-        return f"{self.name:<10} {state:<12} devices: {where:<12} {self.reason}"
-
-
 def _reference_status() -> Tuple[Optional[Backend], BackendStatus]:
     return ReferenceBackend(), BackendStatus(
         "reference", True, ("any",), "plain PyTorch ops; the oracle of the fused backends")
 
 
 def _cpp_status() -> Tuple[Optional[Backend], BackendStatus]:
-    return None, BackendStatus(
-        "cpp", False, ("cpu",),
-        "the fused C++ CPU extension (csrc/) is not part of this release yet; "
-        "use backend='reference' or 'auto'")
+    from . import cpp
+
+    return cpp.probe()
 
 
 def _triton_status() -> Tuple[Optional[Backend], BackendStatus]:
-    if importlib.util.find_spec("triton") is None:
-        why = "triton is not installed (pip install 'triton>=3.6,<3.10')"
-    else:
-        why = "the Triton kernels (kernels/) are not part of this release yet; use backend='reference' or 'auto'"
-    return None, BackendStatus("triton", False, ("cuda",), why)
+    from . import triton_backend
+
+    return triton_backend.probe()
 
 
 _PROBES: Dict[str, Callable[[], Tuple[Optional[Backend], BackendStatus]]] = {

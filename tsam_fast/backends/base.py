@@ -23,6 +23,7 @@ Conventions shared by all ops:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -75,6 +76,21 @@ class Backend:
         ``grad <- (a*A + b*g) * inv_z`` (``A`` not read when ``first``) and ``theta <- theta0``.
         """
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here: ``available``, on which device types, and why (not)."""
+
+    name: str
+    available: bool
+    devices: Tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        state = "available" if self.available else "unavailable"
+        where = ", ".join(self.devices) or "-"
+        return f"{self.name:<10} {state:<12} devices: {where:<12} {self.reason}"
 
 
 class BackendUnavailable(RuntimeError):
