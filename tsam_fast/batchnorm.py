@@ -4,8 +4,9 @@ A TSAM step runs the closure 2*s times (``ascent``); left alone, batch-norm laye
 perturbed forward into their running statistics. The reference code lets only the first forward of
 each step update them; :func:`bn_update_once_per_step` does the same, exactly, for any momentum
 setting (including ``momentum=None``'s cumulative average): in every later closure call of a step the
-layers still normalize with the batch's statistics, but their running buffers are put back as they
-were after the forward.
+layers still normalize with the batch's statistics, but they update throw-away copies of their
+running buffers, and the real buffers are put back after the forward. (Swapping rather than copying
+back matters: autograd saved the buffers the forward used, so they must not change in place.)
 
     opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1)
     handle = bn_update_once_per_step(model, opt)   # handle.remove() undoes it
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
 from torch import nn
 
 __all__ = ["bn_update_once_per_step"]
@@ -42,22 +42,20 @@ def bn_update_once_per_step(model: nn.Module, optimizer) -> _Handles:
     def before(module, args):
         index = optimizer.closure_index
         if module.training and index is not None and index > 0:
-            stash[module] = [getattr(module, n).clone() if getattr(module, n, None) is not None else None
-                             for n in _BN_BUFFERS]
+            real = {n: getattr(module, n) for n in _BN_BUFFERS if getattr(module, n, None) is not None}
+            stash[module] = real
+            for name, buf in real.items():
+                setattr(module, name, buf.clone())
 
     def after(module, args, output):
-        saved = stash.pop(module, None)
-        if saved is not None:
-            with torch.no_grad():
-                for name, value in zip(_BN_BUFFERS, saved):
-                    if value is not None:
-                        getattr(module, name).copy_(value)
+        for name, buf in stash.pop(module, {}).items():
+            setattr(module, name, buf)
 
     handles = []
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
             handles.append(module.register_forward_pre_hook(before))
-            handles.append(module.register_forward_hook(after))
+            handles.append(module.register_forward_hook(after, always_call=True))
     if not handles:
         raise ValueError("bn_update_once_per_step: the model has no batch-norm layer that tracks running stats")
     return _Handles(handles)

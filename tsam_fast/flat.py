@@ -104,6 +104,7 @@ class FlatLayout:
         self.signature = self.signature_of(param_groups)
         self.params: List[torch.Tensor] = []
         self.names: List[str] = []
+        self.frozen: List[torch.Tensor] = []
         self.buckets: List[Bucket] = []
         self._hook_handles = []
         by_key: Dict[Tuple[int, torch.device, torch.dtype], Bucket] = {}
@@ -129,6 +130,8 @@ class FlatLayout:
                     pending.setdefault(id(by_key[key]), []).append((p, global_offset))
                     self.names.append((names or {}).get(id(p), f"group {gi} parameter {pi}"))
                     self.params.append(p)
+                else:
+                    self.frozen.append(p)
                 global_offset += p.numel()
         self.total_numel = global_offset
         index_of = {id(p): i for i, p in enumerate(self.params)}
@@ -234,6 +237,9 @@ class FlatLayout:
         return any_grad
 
     def begin_step(self) -> None:
+        """A frozen parameter keeps no gradient (a stale one would let the base optimizer move it)."""
+        for p in self.frozen:
+            p.grad = None
         self.used = [False] * len(self.params)
         self.active = True
 

@@ -1,0 +1,180 @@
+"""Bad input: a clear error naming the cause, and nothing half-applied (parameters at theta0, state intact)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tsam_fast import TSAM, BackendUnavailable, NonFiniteLossError
+from tsam_fast import backends as backends_mod
+
+
+def model_and_data():
+    torch.manual_seed(0)
+    return nn.Linear(4, 3), torch.randn(6, 4)
+
+
+# (constructor kwargs, error type, message regex)
+BAD_ARGS = [
+    (dict(tilt=-1.0), ValueError, r"tilt=-1.0.*>= 0"),
+    (dict(tilt=float("nan")), ValueError, r"tilt=nan"),
+    (dict(tilt=float("inf")), ValueError, r"tilt=inf"),
+    (dict(num_samples=0), ValueError, r"num_samples=0.*>= 1"),
+    (dict(num_samples=2.5), ValueError, r"num_samples=2.5"),
+    (dict(rho=-0.1), ValueError, r"rho=-0.1"),
+    (dict(radius=-1), ValueError, r"radius=-1"),
+    (dict(noise_scale=-2), ValueError, r"noise_scale=-2"),
+    (dict(rho=float("nan")), ValueError, r"rho=nan"),
+    (dict(sampler="langevin"), ValueError, r"sampler='langevin'.*'ascent', 'random', 'hmc'"),
+    (dict(start="cube"), ValueError, r"start='cube'.*'gaussian'"),
+    (dict(backend="cuda"), ValueError, r"backend='cuda'.*'auto', 'reference'"),
+    (dict(max_grad_norm=0.0), ValueError, r"max_grad_norm=0.0.*> 0"),
+    (dict(hmc_steps=0), ValueError, r"hmc_steps=0"),
+    (dict(hmc_step_size=-1.0), ValueError, r"hmc_step_size"),
+    (dict(delta=-0.5), ValueError, r"delta=-0.5"),
+    (dict(seed="x"), ValueError, r"seed='x'"),
+    (dict(adaptive=True, sampler="random"), ValueError, r"adaptive=True.*sampler='ascent'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD_ARGS, ids=[str(a[0]) for a in BAD_ARGS])
+def test_bad_hyperparameters(kwargs, exc, match):
+    model, _ = model_and_data()
+    with pytest.raises(exc, match=match):
+        TSAM(model.parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+
+
+def test_bad_param_group_override():
+    model, _ = model_and_data()
+    with pytest.raises(ValueError, match=r"rho=-1"):
+        TSAM([{"params": model.parameters(), "rho": -1}], torch.optim.SGD, lr=0.1)
+
+
+def test_bad_construction():
+    model, _ = model_and_data()
+    with pytest.raises(ValueError, match="empty parameter list"):
+        TSAM([], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="optimizer class"):
+        TSAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        TSAM([{"params": [model.weight]}, {"params": [model.weight]}], torch.optim.SGD, lr=0.1)
+    c = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = TSAM([c], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="complex parameters"):
+        opt.step(lambda: (l := c.abs().sum()).backward() or l)
+
+
+def test_unavailable_backend(monkeypatch, caplog):
+    from tsam_fast.backends.base import BackendStatus
+
+    model, _ = model_and_data()
+    monkeypatch.setitem(backends_mod._cache, "cpp", (None, BackendStatus("cpp", False, ("cpu",), "no compiler")))
+    monkeypatch.setattr(backends_mod, "_announced", set())
+    with pytest.raises(BackendUnavailable, match=r"backend='cpp' is unavailable: no compiler"):
+        TSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="cpp")
+    with caplog.at_level("INFO", logger="tsam_fast"):
+        opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="auto")
+        TSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="auto")
+    assert opt.backend_name("cpu") == "reference"
+    lines = [r.getMessage() for r in caplog.records if "backend 'auto'" in r.getMessage()]
+    assert len(lines) == 1 and "cpp unavailable: no compiler" in lines[0]
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()], opt.step_count,
+            {k: {n: v.clone() for n, v in s.items()} for k, s in opt.base_optimizer.state.items()})
+
+
+def _assert_unchanged(model, opt, snap):
+    params, count, state = snap
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    assert opt.step_count == count
+    assert set(opt.base_optimizer.state) == set(state)
+    for k, s in state.items():
+        for n, v in s.items():
+            assert torch.equal(opt.base_optimizer.state[k][n], v)
+
+
+def _trained(sampler="ascent"):
+    model, x = model_and_data()
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sampler=sampler, num_samples=2,
+               hmc_steps=2, radius=0.1, backend="reference")
+    opt.step(lambda: (l := model(x).square().mean()).backward() or l)
+    return model, x, opt
+
+
+CALLS = {"ascent": 4, "random": 2, "hmc": 6}
+POSITIONS = [(s, i) for s, n in CALLS.items() for i in range(n)]
+
+
+@pytest.mark.parametrize("sampler,position", POSITIONS)
+@pytest.mark.parametrize("failure", ["raise", "nan", "inf"])
+def test_failing_closure_undoes_the_step(sampler, position, failure):
+    model, x, opt = _trained(sampler)
+    snap = _snapshot(model, opt)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = model(x).square().mean()
+        if len(calls) - 1 == position:
+            if failure == "raise":
+                raise KeyError("data loader broke")
+            loss = loss * float(failure)
+        loss.backward()
+        return loss
+
+    with pytest.raises(KeyError if failure == "raise" else NonFiniteLossError):
+        opt.step(closure)
+    _assert_unchanged(model, opt, snap)
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.closure_index is None
+    loss = opt.step(lambda: (l := model(x).square().mean()).backward() or l)  # and it still trains
+    assert math.isfinite(float(loss)) and opt.step_count == snap[1] + 1
+
+
+BAD_CLOSURES = [
+    (lambda m, x: None, ValueError, "returned None"),
+    (lambda m, x: (l := m(x).square()).sum().backward() or l, ValueError, r"scalar loss, got shape \(6, 3\)"),
+    (lambda m, x: m(x).square().mean(), RuntimeError, r"must call\s+loss.backward\(\)"),
+    (lambda m, x: ((l := m(x).square().mean()).backward(), torch.tensor(3))[1], TypeError, "torch.int64 loss"),
+    (lambda m, x: ((l := m(x).square().mean()).backward(), "loss")[1], TypeError, "as a tensor, got str"),
+]
+
+
+@pytest.mark.parametrize("fn,exc,match", BAD_CLOSURES, ids=["none", "non-scalar", "no-backward", "int", "str"])
+def test_bad_closures(fn, exc, match):
+    model, x, opt = _trained()
+    snap = _snapshot(model, opt)
+    with pytest.raises(exc, match=match):
+        opt.step(lambda: fn(model, x))
+    _assert_unchanged(model, opt, snap)
+
+
+def test_missing_closure():
+    model, x, opt = _trained()
+    with pytest.raises(ValueError, match="needs a closure"):
+        opt.step()
+
+
+def test_nested_step_is_rejected():
+    model, x, opt = _trained()
+    snap = _snapshot(model, opt)
+
+    def closure():
+        opt.step(lambda: (l := model(x).sum()).backward() or l)
+
+    with pytest.raises(RuntimeError, match="inside its own closure"):
+        opt.step(closure)
+    _assert_unchanged(model, opt, snap)
+
+
+def test_check_finite_off_lets_nan_through_without_raising():
+    model, x = model_and_data()
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, check_finite=False, backend="reference")
+    loss = opt.step(lambda: (l := model(x).square().mean() * float("nan")).backward() or l)
+    assert math.isnan(float(loss))
