@@ -141,8 +141,8 @@ BAD_CLOSURES = [
     (lambda m, x: None, ValueError, "returned None"),
     (lambda m, x: (l := m(x).square()).sum().backward() or l, ValueError, r"scalar loss, got shape \(6, 3\)"),
     (lambda m, x: m(x).square().mean(), RuntimeError, r"must call\s+loss.backward\(\)"),
-    (lambda m, x: ((l := m(x).square().mean()).backward(), torch.tensor(3))[1], TypeError, "torch.int64 loss"),
-    (lambda m, x: ((l := m(x).square().mean()).backward(), "loss")[1], TypeError, "as a tensor, got str"),
+    (lambda m, x: (m(x).square().mean().backward(), torch.tensor(3))[1], TypeError, "torch.int64 loss"),
+    (lambda m, x: (m(x).square().mean().backward(), "loss")[1], TypeError, "as a tensor, got str"),
 ]
 
 

@@ -248,12 +248,198 @@ class TSAM(torch.optim.Optimizer):
             t = _check_number("tilt (from the schedule)", t(self._step_count))
         return t
 
-    def _call(self, closure, layout: FlatLayout, device: torch.device) -> torch.Tensor:
+    @torch.no_grad()
+    def step(self, closure=None) -> torch.Tensor:
+        """One TSAM step; returns the tilted loss estimate (0-dim tensor, no host sync)."""
+        if closure is None:
+            raise ValueError("TSAM.step needs a closure that evaluates the loss and calls backward(): "
+                             "opt.step(lambda: (loss := criterion(model(x), y)).backward() or loss)")
+        if self._closure_index is not None:
+            raise RuntimeError("TSAM.step was called from inside its own closure")
+        layout = self._ensure_layout()
+        if not layout.buckets:
+            raise ValueError("TSAM has no trainable parameters (all have requires_grad=False)")
+        run = _Step(self, layout)
+        s, k = self.num_samples, self._step_count
+        layout.begin_step()
+        self._closure_index = 0
+        backed_up = False
+        try:
+            seed, coefs = run.start_coefficients(0)
+            run.each(lambda be, b: be.perturb(b.param, b.backup, b.runs, seed, run.of(coefs, b), True))
+            backed_up = True
+            for j in range(s):
+                if self.sampler == "ascent":
+                    self._ascend(closure, run)
+                elif self.sampler == "hmc":
+                    self._leapfrog(closure, run, j)
+                loss = run.evaluate(closure)
+                run.losses[j] = loss
+                clip = None
+                if self.max_grad_norm is not None:
+                    norm = run.global_sqnorm(lambda be, b: be.sqnorm(b.grad)).sqrt()
+                    run.finite &= torch.isfinite(norm)
+                    clip = torch.clamp_max(self.max_grad_norm / (norm + _CLIP_EPS), 1.0)
+                a, b_ = run.tilt.update(loss, clip)
+                if j + 1 < s:
+                    seed, coefs = run.start_coefficients(j + 1)
+                    run.each(lambda be, b: be.tilt_accumulate(
+                        b.acc, b.grad, run.of(a, b), run.of(b_, b), j == 0, b.param, b.backup, b.runs, seed,
+                        run.of(coefs, b)))
+                else:
+                    inv_z = run.tilt.inverse_normalizers()
+                    run.each(lambda be, b: be.finalize(
+                        b.acc, b.grad, run.of(a, b), run.of(b_, b), run.of(inv_z, b), j == 0, b.param, b.backup))
+        except BaseException:
+            self._restore(layout, backed_up)
+            raise
+        finally:
+            self._closure_index = None
+        layout.end_step()
+        losses = run.losses
+        self.last_losses = losses
+        self.last_weights = torch.softmax(losses * run.tilt.taus[run.group0], dim=0)
+        tilt0 = run.tilts[run.group0]
+        if tilt0 > 0:
+            tilted = (torch.logsumexp(losses * tilt0, dim=0) - math.log(s)) / tilt0
+        else:
+            tilted = losses.mean()
+        if self.check_finite and not bool(run.finite):  # the step's one host sync; check_finite=False skips it
+            for p in layout.params:
+                p.grad = None
+            raise NonFiniteLossError(
+                f"a closure call of TSAM step {k} returned a non-finite loss or gradient norm "
+                f"(sample losses {losses.tolist()}); the parameters were restored and the optimizer "
+                "state is unchanged. Lower the learning rate, rho or radius, or check the data.")
+        self.base_optimizer.step()
+        self._step_count += 1
+        return tilted
+
+    def _ascend(self, closure, run: "_Step") -> None:
+        """``ascent``: theta <- theta + rho * P g / ||T g|| (P = T^2, T = |theta0| if adaptive; else 1)."""
+        run.evaluate(closure)
+        if self.adaptive:
+            sq = run.global_sqnorm(lambda be, b: be.sqnorm(b.grad, b.backup))
+        else:
+            sq = run.global_sqnorm(lambda be, b: be.sqnorm(b.grad))
+        run.finite &= torch.isfinite(sq)
+        inv = 1.0 / (sq.sqrt() + _NORM_EPS)
+        kicks = [group["rho"] * inv for group in self.param_groups]
+        one = run.scalar(1.0)
+        run.each(lambda be, b: be.leapfrog(b.param, b.grad, run.of(kicks, b), one.to(b.device),
+                                           precond=b.backup if self.adaptive else None))
+
+    def _leapfrog(self, closure, run: "_Step", j: int) -> None:
+        """``hmc``: v ~ N(0, sigma^2 I), then K kick-drift steps with the half kicks of neighbours merged."""
+        mseed = rng.stream_seed(self.seed, run.k, j, rng.STREAM_MOMENTUM)
+        sigma, alpha = run.scalar(self.hmc_sigma), run.scalar(self.hmc_step_size)
+        run.each(lambda be, b: be.fill_noise(b.momentum, b.runs, mseed, sigma.to(b.device)))
+        for step in range(self.hmc_steps):
+            run.evaluate(closure)
+            kick = run.scalar(self.hmc_step_size * (0.5 if step == 0 else 1.0))
+            run.each(lambda be, b: be.leapfrog(b.param, b.grad, kick.to(b.device), alpha.to(b.device),
+                                               momentum=b.momentum))
+
+    def _restore(self, layout: FlatLayout, backed_up: bool) -> None:
+        """Undo a step that failed mid-way: parameters back to theta0, no gradients left behind."""
+        layout.active = False
+        if backed_up:
+            for b in layout.buckets:
+                b.param.copy_(b.backup)
+        for p in layout.params:
+            p.grad = None
+
+
+class _TiltState:
+    """Online log-sum-exp of the tilt, per distinct weight temperature tau = t - delta (spec section 2).
+
+    m' = max(m, tau L); a = exp(m - m'); e = exp(tau L - m'); Z <- a Z + e; the accumulator update is
+    A <- a A + e c g (c: the optional clip factor). Everything stays on the device.
+    """
+
+    def __init__(self, taus: List[float]):
+        self.taus = taus  # per param group
+        self.m: Dict[float, torch.Tensor] = {}
+        self.z: Dict[float, torch.Tensor] = {}
+
+    def update(self, loss: torch.Tensor, clip: Optional[torch.Tensor]):
+        """Fold in one sample's loss; returns the per-group (a, b) of ``A <- a A + b g``."""
+        a_of, b_of = {}, {}
+        for tau in set(self.taus):
+            x = loss * tau
+            if tau not in self.m:  # first sample: A is overwritten, a is unused
+                self.m[tau], self.z[tau] = x, torch.ones_like(x)
+                a_of[tau], e = torch.zeros_like(x), torch.ones_like(x)
+            else:
+                m_new = torch.maximum(self.m[tau], x)
+                a_of[tau], e = torch.exp(self.m[tau] - m_new), torch.exp(x - m_new)
+                self.m[tau], self.z[tau] = m_new, self.z[tau] * a_of[tau] + e
+            b_of[tau] = e if clip is None else e * clip
+        return [a_of[t] for t in self.taus], [b_of[t] for t in self.taus]
+
+    def inverse_normalizers(self) -> List[torch.Tensor]:
+        return [1.0 / self.z[t] for t in self.taus]
+
+
+class _Step:
+    """What one TSAM step needs at hand: buckets and their backends, scalars, losses, the tilt state."""
+
+    def __init__(self, opt: TSAM, layout: FlatLayout):
+        self.opt, self.layout = opt, layout
+        self.buckets = layout.buckets
+        self.device = self.buckets[0].device  # where the step's scalars live
+        self.k = opt._step_count
+        self.group0 = self.buckets[0].group_index
+        self.tilts = [opt._tilt_at(group) for group in opt.param_groups]
+        self.tilt = _TiltState([t - opt.delta for t in self.tilts])
+        self.losses = torch.empty(opt.num_samples, dtype=torch.float32, device=self.device)
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def each(self, op) -> None:
+        for b in self.buckets:
+            op(self.opt._backends[b.device], b)
+
+    @staticmethod
+    def of(per_group: List[torch.Tensor], bucket) -> torch.Tensor:
+        """A bucket's value of a per-group device scalar, on the bucket's device."""
+        return per_group[bucket.group_index].to(bucket.device, non_blocking=True)
+
+    def scalar(self, x: float) -> torch.Tensor:
+        return torch.full((), x, dtype=torch.float32, device=self.device)
+
+    def global_sqnorm(self, op) -> torch.Tensor:
+        """Sum of a per-bucket squared norm over all buckets (one norm over all trainable parameters)."""
+        parts = [op(self.opt._backends[b.device], b).to(self.device, non_blocking=True) for b in self.buckets]
+        return torch.stack(parts).sum()
+
+    def start_coefficients(self, j: int):
+        """Seed and per-group coefficient c of sample j's random start theta0 + c * xi."""
+        opt = self.opt
+        if opt.start == "none":
+            return None, [self.scalar(0.0)] * len(opt.param_groups)
+        seed = rng.stream_seed(opt.seed, self.k, j, rng.STREAM_START)
+        norm = self.global_sqnorm(lambda be, b: be.noise_sqnorm(b.runs, seed, b.device)).sqrt().clamp_min(1e-30)
+        if opt.start == "ball":  # radius r * u^(1/d), u ~ U(0, 1) drawn on the host from its own stream
+            u = rng.host_uniform(rng.stream_seed(opt.seed, self.k, j, rng.STREAM_RADIUS))
+            shrink = rng.log_uniform_radius(u, self.layout.trainable_numel)
+        coefs = []
+        for group in opt.param_groups:
+            r = group["radius"]
+            if opt.start == "gaussian":  # noise_scale * xi, clipped to norm r
+                coefs.append(torch.clamp_max(r / norm, opt.noise_scale))
+            elif opt.start == "sphere":
+                coefs.append(r / norm)
+            else:
+                coefs.append(r * shrink / norm)
+        return seed, coefs
+
+    def evaluate(self, closure) -> torch.Tensor:
         """One closure call at the current parameters: gradients zeroed first, loss validated."""
+        opt, layout = self.opt, self.layout
         layout.begin_call()
         with torch.enable_grad():
             loss = closure()
-        self._closure_index += 1
+        opt._closure_index += 1
         if loss is None:
             raise ValueError("the closure returned None: it must return the loss (after calling loss.backward())")
         if not isinstance(loss, torch.Tensor):
@@ -269,165 +455,6 @@ class TSAM(torch.optim.Optimizer):
         if not layout.end_call():
             raise RuntimeError("no parameter received a gradient during the closure: it must call "
                                "loss.backward() (TSAM zeroes gradients before each call itself)")
-        return loss.detach().reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
-
-    @torch.no_grad()
-    def step(self, closure=None) -> torch.Tensor:
-        """One TSAM step; returns the tilted loss estimate (0-dim tensor, no host sync)."""
-        if closure is None:
-            raise ValueError("TSAM.step needs a closure that evaluates the loss and calls backward(): "
-                             "opt.step(lambda: (loss := criterion(model(x), y)).backward() or loss)")
-        if self._closure_index is not None:
-            raise RuntimeError("TSAM.step was called from inside its own closure")
-        layout = self._ensure_layout()
-        buckets = layout.buckets
-        if not buckets:
-            raise ValueError("TSAM has no trainable parameters (all have requires_grad=False)")
-        dev = buckets[0].device
-        groups = self.param_groups
-        taus: Dict[float, dict] = {}  # the tilt bookkeeping (m, Z) per distinct weight temperature
-        group_tau = []
-        for group in groups:
-            tau = self._tilt_at(group) - self.delta
-            group_tau.append(tau)
-            taus.setdefault(tau, {})
-        tilt0 = self._tilt_at(groups[buckets[0].group_index])
-        s = self.num_samples
-        k = self._step_count
-
-        def per_bucket(values: List[torch.Tensor], b):
-            return values[b.group_index].to(b.device, non_blocking=True)
-
-        def scalar(x: float) -> torch.Tensor:
-            return torch.full((), x, dtype=torch.float32, device=dev)
-
-        def global_sqnorm(fn) -> torch.Tensor:
-            total = None
-            for b in buckets:
-                part = fn(b).to(dev, non_blocking=True)
-                total = part if total is None else total + part
-            return total
-
-        def start_coefs(j: int):
-            """Seed and per-group coefficient c of the random start theta0 + c * xi of sample j."""
-            if self.start == "none":
-                return None, [scalar(0.0) for _ in groups]
-            seed = rng.stream_seed(self.seed, k, j, rng.STREAM_START)
-            norm = global_sqnorm(lambda b: self._backends[b.device].noise_sqnorm(b.runs, seed, b.device)).sqrt()
-            norm = norm.clamp_min(1e-30)
-            coefs = []
-            for group in groups:
-                r = group["radius"]
-                if self.start == "gaussian":  # scale*xi, clipped to norm r
-                    coefs.append(torch.clamp_max(r / norm, self.noise_scale))
-                elif self.start == "sphere":
-                    coefs.append(r / norm)
-                else:  # ball: radius r * u^(1/d), u ~ U(0, 1) drawn from its own stream on the host
-                    u = rng.host_uniform(rng.stream_seed(self.seed, k, j, rng.STREAM_RADIUS))
-                    coefs.append(r * rng.log_uniform_radius(u, layout.trainable_numel) / norm)
-            return seed, coefs
-
-        finite = torch.ones((), dtype=torch.bool, device=dev)
-        losses = torch.empty(s, dtype=torch.float32, device=dev)
-        layout.begin_step()
-        self._closure_index = 0
-        backed_up = False
-        try:
-            seed, coefs = start_coefs(0)
-            for b in buckets:
-                self._backends[b.device].perturb(b.param, b.backup, b.runs, seed, per_bucket(coefs, b), True)
-            backed_up = True
-            for j in range(s):
-                if self.sampler == "ascent":
-                    loss = self._call(closure, layout, dev)
-                    finite &= torch.isfinite(loss)
-                    if self.adaptive:
-                        gsq = global_sqnorm(lambda b: self._backends[b.device].sqnorm(b.grad, b.backup))
-                    else:
-                        gsq = global_sqnorm(lambda b: self._backends[b.device].sqnorm(b.grad))
-                    inv = 1.0 / (gsq.sqrt() + _NORM_EPS)
-                    one = scalar(1.0)
-                    for b in buckets:
-                        kick = (groups[b.group_index]["rho"] * inv).to(b.device, non_blocking=True)
-                        self._backends[b.device].leapfrog(b.param, b.grad, kick, one.to(b.device),
-                                                          precond=b.backup if self.adaptive else None)
-                elif self.sampler == "hmc":
-                    mseed = rng.stream_seed(self.seed, k, j, rng.STREAM_MOMENTUM)
-                    sigma = scalar(self.hmc_sigma)
-                    for b in buckets:
-                        self._backends[b.device].fill_noise(b.momentum, b.runs, mseed, sigma.to(b.device))
-                    alpha = scalar(self.hmc_step_size)
-                    for step in range(self.hmc_steps):
-                        loss = self._call(closure, layout, dev)
-                        finite &= torch.isfinite(loss)
-                        # kick-drift-kick with the trailing and next leading half kicks merged
-                        kick = scalar(self.hmc_step_size * (0.5 if step == 0 else 1.0))
-                        for b in buckets:
-                            self._backends[b.device].leapfrog(b.param, b.grad, kick.to(b.device),
-                                                              alpha.to(b.device), momentum=b.momentum)
-                loss = self._call(closure, layout, dev)
-                finite &= torch.isfinite(loss)
-                losses[j] = loss
-                clip = None
-                if self.max_grad_norm is not None:
-                    gn = global_sqnorm(lambda b: self._backends[b.device].sqnorm(b.grad)).sqrt()
-                    finite &= torch.isfinite(gn)
-                    clip = torch.clamp_max(self.max_grad_norm / (gn + _CLIP_EPS), 1.0)
-                # online log-sum-exp: m' = max(m, tau L); a = exp(m - m'); e = exp(tau L - m'); Z = a Z + e
-                a_of, b_of = {}, {}
-                for tau, st in taus.items():
-                    x = loss * tau
-                    if j == 0:
-                        st["m"], st["z"] = x, torch.ones_like(x)
-                        a_of[tau], e = torch.zeros_like(x), torch.ones_like(x)
-                    else:
-                        m_new = torch.maximum(st["m"], x)
-                        a_of[tau], e = torch.exp(st["m"] - m_new), torch.exp(x - m_new)
-                        st["m"], st["z"] = m_new, st["z"] * a_of[tau] + e
-                    b_of[tau] = e if clip is None else e * clip
-                a_g = [a_of[tau] for tau in group_tau]
-                b_g = [b_of[tau] for tau in group_tau]
-                if j + 1 < s:
-                    seed, coefs = start_coefs(j + 1)
-                    for b in buckets:
-                        self._backends[b.device].tilt_accumulate(
-                            b.acc, b.grad, per_bucket(a_g, b), per_bucket(b_g, b), j == 0,
-                            b.param, b.backup, b.runs, seed, per_bucket(coefs, b))
-                else:
-                    inv_z = [1.0 / taus[tau]["z"] for tau in group_tau]
-                    for b in buckets:
-                        self._backends[b.device].finalize(
-                            b.acc, b.grad, per_bucket(a_g, b), per_bucket(b_g, b), per_bucket(inv_z, b),
-                            j == 0, b.param, b.backup)
-        except BaseException:
-            self._restore(layout, backed_up)
-            raise
-        finally:
-            self._closure_index = None
-        layout.end_step()
-        tau0 = group_tau[buckets[0].group_index]
-        self.last_losses = losses
-        self.last_weights = torch.softmax(losses * tau0, dim=0)
-        if tilt0 > 0:
-            tilted = (torch.logsumexp(losses * tilt0, dim=0) - math.log(s)) / tilt0
-        else:
-            tilted = losses.mean()
-        if self.check_finite and not bool(finite):  # the step's one host sync; check_finite=False skips it
-            for p in layout.params:
-                p.grad = None
-            raise NonFiniteLossError(
-                f"a closure call of TSAM step {k} returned a non-finite loss or gradient norm "
-                f"(sample losses {losses.tolist()}); the parameters were restored and the optimizer "
-                "state is unchanged. Lower the learning rate, rho or radius, or check the data.")
-        self.base_optimizer.step()
-        self._step_count += 1
-        return tilted
-
-    def _restore(self, layout: FlatLayout, backed_up: bool) -> None:
-        """Undo a step that failed mid-way: parameters back to theta0, no gradients left behind."""
-        layout.active = False
-        if backed_up:
-            for b in layout.buckets:
-                b.param.copy_(b.backup)
-        for p in layout.params:
-            p.grad = None
+        loss = loss.detach().reshape(()).to(device=self.device, dtype=torch.float32, non_blocking=True)
+        self.finite &= torch.isfinite(loss)
+        return loss
