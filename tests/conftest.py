@@ -8,7 +8,12 @@ import os
 import pytest
 import torch
 
-import tsam_fast
+# Without a GPU, the Triton kernels run on CPU tensors in Triton's interpreter. The variable must be
+# set before triton compiles anything, so it is set here, before any test imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import tsam_fast  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
