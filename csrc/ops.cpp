@@ -1,0 +1,396 @@
+// The C++ CPU backend of tsam_fast: launchers and operator registration (torch.ops.tsam_fast.*).
+//
+// Layers: kernels.h (one segment, one ISA) -> launchers here (checks, segments, threads, ISA choice)
+// -> TORCH_LIBRARY registration -> tsam_fast/backends/cpp.py (the Backend class, fake kernels).
+// The op semantics are those of tsam_fast/backends/base.py; the formulas are in kernel_api.h.
+//
+// Threads: every op cuts its buffer into fixed segments (at most kChunk elements, cut at run boundaries
+// for the noise) and runs them with at::parallel_for. Reductions sum per-segment double partials in
+// segment order, so results never depend on the number of threads.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernel_api.h"
+
+namespace tsam_fast {
+namespace {
+
+// Elements per segment: large enough to amortize the scheduling, small enough to balance 2..64 threads.
+constexpr int64_t kChunk = 1 << 16;
+
+// ---- ISA choice ---------------------------------------------------------------------------------
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+const KernelTable* table_named(const std::string& name) {
+  if (name == "avx512") return cpu_has_avx512() ? &kTableAVX512 : nullptr;
+  if (name == "avx2") return cpu_has_avx2() ? &kTableAVX2 : nullptr;
+  if (name == "scalar") return &kTableScalar;
+  return nullptr;
+}
+
+// The best table this CPU runs; TSAM_FAST_CPP_ISA=scalar|avx2|avx512 caps it (tests, debugging).
+const KernelTable* best_table() {
+  if (const char* env = std::getenv("TSAM_FAST_CPP_ISA")) {
+    const KernelTable* t = table_named(env);
+    TORCH_CHECK(t != nullptr, "TSAM_FAST_CPP_ISA=", env, " is not an instruction set this CPU runs ",
+                "(expected scalar, avx2 or avx512)");
+    return t;
+  }
+  if (cpu_has_avx512()) return &kTableAVX512;
+  if (cpu_has_avx2()) return &kTableAVX2;
+  return &kTableScalar;
+}
+
+std::atomic<const KernelTable*> g_table{nullptr};
+
+const KernelTable& K() {
+  const KernelTable* t = g_table.load(std::memory_order_acquire);
+  if (t == nullptr) {
+    t = best_table();
+    g_table.store(t, std::memory_order_release);
+  }
+  return *t;
+}
+
+// ---- argument checks ----------------------------------------------------------------------------
+DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    default: TORCH_CHECK(false, "tsam_fast: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+  return DType::F32;
+}
+
+void check_buffer(const at::Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu(), "tsam_fast cpp backend: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "tsam_fast cpp backend: ", name, " must be contiguous (a flat buffer)");
+  TORCH_CHECK(n < 0 || t.numel() == n, "tsam_fast cpp backend: ", name, " has ", t.numel(),
+              " elements, expected ", n);
+}
+
+void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "tsam_fast cpp backend: ", name, " is ", t.scalar_type(),
+              ", expected the parameter dtype ", ref.scalar_type());
+}
+
+void check_f32(const at::Tensor& t, const char* name, int64_t n) {
+  check_buffer(t, name, n);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "tsam_fast cpp backend: ", name, " must be float32, got ",
+              t.scalar_type());
+}
+
+// A 0-dim (or 1-element) fp32 scalar tensor: reading it on the host is free on the CPU.
+float scalar_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat && t.device().is_cpu(),
+              "tsam_fast cpp backend: ", name, " must be a one-element float32 CPU tensor, got ",
+              t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
+  return t.item<float>();
+}
+
+// ---- segments -----------------------------------------------------------------------------------
+struct Segment {
+  int64_t buf;    // first buffer element
+  int64_t len;    // elements
+  uint64_t glob;  // global index of the first element (noise counter space)
+  bool noise;     // false: no noise here (seed=None, or a buffer gap outside every run: xi = 0)
+};
+
+void push_split(std::vector<Segment>& out, int64_t buf, int64_t len, uint64_t glob, bool noise) {
+  for (int64_t off = 0; off < len; off += kChunk)
+    out.push_back({buf + off, std::min(kChunk, len - off), glob + static_cast<uint64_t>(off), noise});
+}
+
+// `runs` flattened: (buffer_offset, global_offset, length) triples, sorted, disjoint, inside [0, n).
+std::vector<Segment> segments(int64_t n, c10::IntArrayRef runs, bool with_noise) {
+  std::vector<Segment> out;
+  if (!with_noise) {
+    push_split(out, 0, n, 0, false);
+    return out;
+  }
+  TORCH_CHECK(runs.size() % 3 == 0, "tsam_fast cpp backend: runs must be (buffer_offset, global_offset, length) "
+              "triples, got ", runs.size(), " integers");
+  int64_t pos = 0;
+  for (size_t r = 0; r < runs.size(); r += 3) {
+    const int64_t buf = runs[r], glob = runs[r + 1], len = runs[r + 2];
+    TORCH_CHECK(buf >= pos && glob >= 0 && len >= 0 && buf + len <= n,
+                "tsam_fast cpp backend: run (", buf, ", ", glob, ", ", len, ") is out of order, overlaps the "
+                "previous one or leaves the buffer of ", n, " elements");
+    if (buf > pos) push_split(out, pos, buf - pos, 0, false);
+    push_split(out, buf, len, static_cast<uint64_t>(glob), true);
+    pos = buf + len;
+  }
+  if (pos < n) push_split(out, pos, n - pos, 0, false);
+  return out;
+}
+
+template <typename F>
+void for_segments(const std::vector<Segment>& segs, const F& f) {
+  at::parallel_for(0, static_cast<int64_t>(segs.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) f(segs[i]);
+  });
+}
+
+template <typename F>
+double reduce_segments(const std::vector<Segment>& segs, const F& f) {
+  std::vector<double> parts(segs.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(segs.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) parts[i] = f(segs[i]);
+  });
+  double total = 0.0;  // in segment order: independent of the thread count
+  for (double p : parts) total += p;
+  return total;
+}
+
+inline char* at_elem(const at::Tensor& t, int64_t i) {
+  return static_cast<char*>(t.data_ptr()) + i * static_cast<int64_t>(t.element_size());
+}
+
+at::Tensor f32_scalar(double v) { return at::scalar_tensor(static_cast<float>(v), at::TensorOptions().dtype(at::kFloat)); }
+
+// ---- launchers (one per op of tsam_fast/backends/base.py) -----------------------------------------
+at::Tensor noise_sqnorm(c10::IntArrayRef runs, int64_t seed) {
+  int64_t end = 0;  // the runs' buffer extent: noise_sqnorm has no buffer of its own
+  for (size_t r = 0; r + 2 < runs.size(); r += 3) end = std::max(end, runs[r] + runs[r + 2]);
+  const auto segs = segments(end, runs, true);
+  const KernelTable& k = K();
+  const double total = reduce_segments(segs, [&](const Segment& s) {
+    return s.noise ? k.noise_sqnorm(static_cast<uint64_t>(seed), s.glob, s.len) : 0.0;
+  });
+  return f32_scalar(total);
+}
+
+// noise_sqnorm that also keeps the noise: xi <- the buffer's normals (0 outside the runs). Returns the same
+// value as noise_sqnorm, bit for bit (same segments, same partials, same order).
+at::Tensor noise_sqnorm_store(const at::Tensor& xi, c10::IntArrayRef runs, int64_t seed) {
+  check_f32(xi, "xi", -1);
+  const auto segs = segments(xi.numel(), runs, true);
+  const KernelTable& k = K();
+  const double total = reduce_segments(segs, [&](const Segment& s) {
+    float* o = reinterpret_cast<float*>(at_elem(xi, s.buf));
+    if (!s.noise) {
+      std::fill(o, o + s.len, 0.0f);
+      return 0.0;
+    }
+    return k.noise_sqnorm_store(static_cast<uint64_t>(seed), s.glob, s.len, o);
+  });
+  return f32_scalar(total);
+}
+
+// The stored noise of a segment, or null (generate it).
+const float* stored_at(const std::optional<at::Tensor>& xi, const Segment& s) {
+  return xi ? reinterpret_cast<const float*>(at_elem(*xi, s.buf)) : nullptr;
+}
+
+void check_stored(const std::optional<at::Tensor>& xi, std::optional<int64_t> seed, int64_t n) {
+  if (!xi) return;
+  check_f32(*xi, "xi", n);
+  TORCH_CHECK(seed.has_value(), "tsam_fast cpp backend: stored noise xi was given without a seed");
+}
+
+at::Tensor sqnorm(const at::Tensor& x, const std::optional<at::Tensor>& scale) {
+  check_buffer(x, "x", -1);
+  const DType dt = dtype_of(x, "x");
+  if (scale) {
+    check_buffer(*scale, "scale", x.numel());
+    check_same_dtype(*scale, x, "scale");
+  }
+  const auto segs = segments(x.numel(), {}, false);
+  const KernelTable& k = K();
+  const double total = reduce_segments(segs, [&](const Segment& s) {
+    return k.sqnorm(dt, at_elem(x, s.buf), scale ? at_elem(*scale, s.buf) : nullptr, s.len);
+  });
+  return f32_scalar(total);
+}
+
+void perturb(const at::Tensor& theta, const at::Tensor& theta0, c10::IntArrayRef runs, std::optional<int64_t> seed,
+             const at::Tensor& coef, bool save_backup, const std::optional<at::Tensor>& xi) {
+  check_buffer(theta, "theta", -1);
+  const int64_t n = theta.numel();
+  check_buffer(theta0, "theta0", n);
+  check_same_dtype(theta0, theta, "theta0");
+  const DType dt = dtype_of(theta, "theta");
+  check_stored(xi, seed, n);
+  const float c = scalar_of(coef, "coef");
+  const auto segs = segments(n, runs, seed.has_value());
+  const KernelTable& k = K();
+  const uint64_t sd = seed ? static_cast<uint64_t>(*seed) : 0;
+  for_segments(segs, [&](const Segment& s) {
+    k.perturb(dt, at_elem(theta, s.buf), at_elem(theta0, s.buf), s.len, Noise{s.noise, sd, s.glob, stored_at(xi, s)},
+              c, save_backup);
+  });
+}
+
+void fill_noise(const at::Tensor& out, c10::IntArrayRef runs, int64_t seed, const at::Tensor& coef) {
+  check_f32(out, "out", -1);
+  const float c = scalar_of(coef, "coef");
+  const auto segs = segments(out.numel(), runs, true);
+  const KernelTable& k = K();
+  for_segments(segs, [&](const Segment& s) {
+    float* o = reinterpret_cast<float*>(at_elem(out, s.buf));
+    if (s.noise) k.fill_noise(o, s.len, Noise{true, static_cast<uint64_t>(seed), s.glob, nullptr}, c);
+    else std::fill(o, o + s.len, 0.0f);
+  });
+}
+
+void leapfrog(const at::Tensor& theta, const at::Tensor& grad, const at::Tensor& kick, const at::Tensor& drift,
+              const std::optional<at::Tensor>& momentum, const std::optional<at::Tensor>& precond) {
+  check_buffer(theta, "theta", -1);
+  const int64_t n = theta.numel();
+  const DType dt = dtype_of(theta, "theta");
+  check_buffer(grad, "grad", n);
+  check_same_dtype(grad, theta, "grad");
+  TORCH_CHECK(!(momentum && precond), "tsam_fast cpp backend: leapfrog takes momentum (hmc) or precond "
+              "(adaptive ascent), not both");
+  if (momentum) check_f32(*momentum, "momentum", n);
+  if (precond) {
+    check_buffer(*precond, "precond", n);
+    check_same_dtype(*precond, theta, "precond");
+  }
+  const float kk = scalar_of(kick, "kick"), dd = scalar_of(drift, "drift");
+  const auto segs = segments(n, {}, false);
+  const KernelTable& k = K();
+  for_segments(segs, [&](const Segment& s) {
+    k.leapfrog(dt, at_elem(theta, s.buf), at_elem(grad, s.buf), kk, dd,
+               momentum ? reinterpret_cast<float*>(at_elem(*momentum, s.buf)) : nullptr,
+               precond ? at_elem(*precond, s.buf) : nullptr, s.len);
+  });
+}
+
+void tilt_accumulate(const at::Tensor& acc, const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
+                     bool first, const at::Tensor& theta, const at::Tensor& theta0, c10::IntArrayRef runs,
+                     std::optional<int64_t> seed, const at::Tensor& coef, const std::optional<at::Tensor>& xi) {
+  check_buffer(theta, "theta", -1);
+  const int64_t n = theta.numel();
+  const DType dt = dtype_of(theta, "theta");
+  check_f32(acc, "acc", n);
+  check_buffer(grad, "grad", n);
+  check_same_dtype(grad, theta, "grad");
+  check_buffer(theta0, "theta0", n);
+  check_same_dtype(theta0, theta, "theta0");
+  check_stored(xi, seed, n);
+  const float av = scalar_of(a, "a"), bv = scalar_of(b, "b"), c = scalar_of(coef, "coef");
+  const auto segs = segments(n, runs, seed.has_value());
+  const KernelTable& k = K();
+  const uint64_t sd = seed ? static_cast<uint64_t>(*seed) : 0;
+  for_segments(segs, [&](const Segment& s) {
+    k.tilt_accumulate(dt, reinterpret_cast<float*>(at_elem(acc, s.buf)), at_elem(grad, s.buf), av, bv, first,
+                      at_elem(theta, s.buf), at_elem(theta0, s.buf), s.len,
+                      Noise{s.noise, sd, s.glob, stored_at(xi, s)}, c);
+  });
+}
+
+void finalize(const at::Tensor& acc, const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
+              const at::Tensor& inv_z, bool first, const at::Tensor& theta, const at::Tensor& theta0) {
+  check_buffer(theta, "theta", -1);
+  const int64_t n = theta.numel();
+  const DType dt = dtype_of(theta, "theta");
+  check_f32(acc, "acc", n);
+  check_buffer(grad, "grad", n);
+  check_same_dtype(grad, theta, "grad");
+  check_buffer(theta0, "theta0", n);
+  check_same_dtype(theta0, theta, "theta0");
+  const float av = scalar_of(a, "a"), bv = scalar_of(b, "b"), iz = scalar_of(inv_z, "inv_z");
+  const auto segs = segments(n, {}, false);
+  const KernelTable& k = K();
+  for_segments(segs, [&](const Segment& s) {
+    k.finalize(dt, reinterpret_cast<const float*>(at_elem(acc, s.buf)), at_elem(grad, s.buf), av, bv, iz, first,
+               at_elem(theta, s.buf), at_elem(theta0, s.buf), s.len);
+  });
+}
+
+// ---- test and diagnostics ops ---------------------------------------------------------------------
+// The raw Philox words of counters counter .. counter+ncounters-1: int64 tensor [ncounters, 4] of uint32 values.
+at::Tensor philox_words(int64_t seed, int64_t counter, int64_t ncounters) {
+  TORCH_CHECK(ncounters >= 0 && counter >= 0, "tsam_fast: _philox_words needs counter, ncounters >= 0");
+  std::vector<uint32_t> w(static_cast<size_t>(4 * ncounters));
+  K().philox_words(static_cast<uint64_t>(seed), static_cast<uint64_t>(counter), ncounters, w.data());
+  at::Tensor out = at::empty({ncounters, 4}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (size_t i = 0; i < w.size(); ++i) o[i] = w[i];
+  return out;
+}
+
+std::string isa() { return K().isa; }
+
+// Switch the kernels to another instruction set ("scalar", "avx2", "avx512", or "best"); returns the
+// previous one. For tests that compare the ISA paths; not thread-safe against running ops.
+std::string set_isa(const std::string& name) {
+  const std::string prev = K().isa;
+  const KernelTable* t = name == "best" ? best_table() : table_named(name);
+  TORCH_CHECK(t != nullptr, "tsam_fast: instruction set '", name, "' is unknown or not supported by this CPU");
+  g_table.store(t, std::memory_order_release);
+  return prev;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tsam_fast, m) {
+  m.def("noise_sqnorm(int[] runs, int seed) -> Tensor");
+  m.def("sqnorm(Tensor x, Tensor? scale) -> Tensor");
+  m.def("noise_sqnorm_store(Tensor(a!) xi, int[] runs, int seed) -> Tensor");
+  // xi: the noise kept by noise_sqnorm_store for the same runs and seed (read instead of generated)
+  m.def("perturb(Tensor(a!) theta, Tensor(b!) theta0, int[] runs, int? seed, Tensor coef, bool save_backup, "
+        "Tensor? xi=None) -> ()");
+  m.def("fill_noise(Tensor(a!) out, int[] runs, int seed, Tensor coef) -> ()");
+  m.def("leapfrog(Tensor(a!) theta, Tensor grad, Tensor kick, Tensor drift, Tensor(b!)? momentum, "
+        "Tensor? precond) -> ()");
+  m.def("tilt_accumulate(Tensor(a!) acc, Tensor grad, Tensor a, Tensor b, bool first, Tensor(b!) theta, "
+        "Tensor theta0, int[] runs, int? seed, Tensor coef, Tensor? xi=None) -> ()");
+  m.def("finalize(Tensor acc, Tensor(a!) grad, Tensor a, Tensor b, Tensor inv_z, bool first, Tensor(b!) theta, "
+        "Tensor theta0) -> ()");
+  m.def("_philox_words(int seed, int counter, int ncounters) -> Tensor");
+  m.def("_isa() -> str", &isa);
+  m.def("_set_isa(str isa) -> str", &set_isa);
+}
+
+TORCH_LIBRARY_IMPL(tsam_fast, CPU, m) {
+  m.impl("noise_sqnorm_store", &noise_sqnorm_store);
+  m.impl("sqnorm", &sqnorm);
+  m.impl("perturb", &perturb);
+  m.impl("fill_noise", &fill_noise);
+  m.impl("leapfrog", &leapfrog);
+  m.impl("tilt_accumulate", &tilt_accumulate);
+  m.impl("finalize", &finalize);
+}
+
+// No tensor argument to dispatch on: these produce CPU tensors whatever the dispatch key.
+TORCH_LIBRARY_IMPL(tsam_fast, CompositeExplicitAutograd, m) {
+  m.impl("noise_sqnorm", &noise_sqnorm);
+  m.impl("_philox_words", &philox_words);
+}
+
+}  // namespace tsam_fast
+
+// `import tsam_fast._C` loads the library (and with it the registrations above); the module is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "tsam_fast C++ CPU operators (torch.ops.tsam_fast)",
+                                   -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}
