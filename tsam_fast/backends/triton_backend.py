@@ -7,7 +7,7 @@ sync. With ``TRITON_INTERPRET=1`` (set before triton is imported) Triton runs th
 CPU interpreter: the backend then also accepts CPU parameters, which is how CI tests it without a GPU.
 
 In eager mode the backend calls the launchers directly; while ``torch.compile`` traces it, it calls the
-registered ``torch.ops.tsam_fast.*`` operators instead, so compiled user code sees opaque ops with
+registered ``torch.ops.tsam_fast_triton.*`` operators instead, so compiled user code sees opaque ops with
 their mutations declared rather than the launchers' Python.
 """
 
@@ -35,42 +35,42 @@ class TritonBackend(Backend):
 
     def noise_sqnorm(self, runs, seed, device):
         if torch.compiler.is_compiling():
-            return torch.ops.tsam_fast.noise_sqnorm(self._ops.flat_runs(runs), seed, torch.device(device))
+            return torch.ops.tsam_fast_triton.noise_sqnorm(self._ops.flat_runs(runs), seed, torch.device(device))
         return self._launch.noise_sqnorm(runs, seed, device)
 
     def sqnorm(self, x, scale=None):
         if torch.compiler.is_compiling():
-            return torch.ops.tsam_fast.sqnorm(x, scale)
+            return torch.ops.tsam_fast_triton.sqnorm(x, scale)
         return self._launch.sqnorm(x, scale)
 
     def perturb(self, theta, theta0, runs, seed, coef, save_backup):
         if torch.compiler.is_compiling():
-            torch.ops.tsam_fast.perturb(theta, theta0, self._ops.flat_runs(runs), seed, coef, bool(save_backup))
+            torch.ops.tsam_fast_triton.perturb(theta, theta0, self._ops.flat_runs(runs), seed, coef, bool(save_backup))
             return
         self._launch.perturb(theta, theta0, runs, seed, coef, save_backup)
 
     def fill_noise(self, out, runs, seed, coef):
         if torch.compiler.is_compiling():
-            torch.ops.tsam_fast.fill_noise(out, self._ops.flat_runs(runs), seed, coef)
+            torch.ops.tsam_fast_triton.fill_noise(out, self._ops.flat_runs(runs), seed, coef)
             return
         self._launch.fill_noise(out, runs, seed, coef)
 
     def leapfrog(self, theta, grad, kick, drift, momentum=None, precond=None):
         if torch.compiler.is_compiling():
-            torch.ops.tsam_fast.leapfrog(theta, grad, kick, drift, momentum, precond)
+            torch.ops.tsam_fast_triton.leapfrog(theta, grad, kick, drift, momentum, precond)
             return
         self._launch.leapfrog(theta, grad, kick, drift, momentum, precond)
 
     def tilt_accumulate(self, acc, grad, a, b, first, theta, theta0, runs, seed, coef):
         if torch.compiler.is_compiling():
-            torch.ops.tsam_fast.tilt_accumulate(acc, grad, a, b, bool(first), theta, theta0,
+            torch.ops.tsam_fast_triton.tilt_accumulate(acc, grad, a, b, bool(first), theta, theta0,
                                                 self._ops.flat_runs(runs), seed, coef)
             return
         self._launch.tilt_accumulate(acc, grad, a, b, first, theta, theta0, runs, seed, coef)
 
     def finalize(self, acc, grad, a, b, inv_z, first, theta, theta0):
         if torch.compiler.is_compiling():
-            torch.ops.tsam_fast.finalize(acc, grad, a, b, inv_z, bool(first), theta, theta0)
+            torch.ops.tsam_fast_triton.finalize(acc, grad, a, b, inv_z, bool(first), theta, theta0)
             return
         self._launch.finalize(acc, grad, a, b, inv_z, first, theta, theta0)
 

@@ -1,0 +1,330 @@
+"""The @triton.jit kernels of the Triton backend: one kernel per op of the contract (``backends/base.py``).
+
+Layout of the work (``TSAM_SPEC.md`` section 5):
+
+* Plain ops (``sqnorm``, ``leapfrog``, ``finalize``) cut the bucket into tiles of ``BLOCK`` buffer
+  positions.
+* Noise ops (``noise_sqnorm``, ``perturb``, ``fill_noise``, ``tilt_accumulate``) cut each *run* of the
+  bucket (buffer offset ``B``, global offset ``G``, length ``n``) into tiles of ``BLOCK`` *global*
+  indices that start on a multiple of 4: tile ``t`` of a run covers ``g = A + t*BLOCK + k`` with
+  ``A = G - G % 4``. Its normals are then exactly ``tl.randn4x(seed, g // 4)`` for ``BLOCK/4``
+  consecutive counters, interleaved (n1 n2 n3 n4 n1 n2 ...): one Philox call per four elements and
+  no shuffle across lanes. Element ``g`` lives at buffer position ``g + (B - G)``; lanes with
+  ``g`` outside ``[G, G + n)`` are masked. A tile therefore never straddles two runs.
+* With one run (the common case: one bucket per param group and dtype) the run's numbers are kernel
+  arguments, so Triton's divisibility specialisation keeps vectorised loads when the offsets are
+  multiples of 16. With several runs (``MULTI_RUN``) the kernel finds its run by a scalar binary search
+  over a small int64 table on the device (``RUN_FIELDS`` columns per run); its loads are scalar, as
+  the offsets' alignment is not known at compile time.
+* A tile that lies wholly inside its run (or the buffer) loads and stores without a mask; only the
+  partial tiles at the ends are masked. Triton vectorises a masked access only when the mask's bounds
+  are provably multiples of 16, which a bucket's length usually is not; whole tiles keep 16-byte
+  accesses whenever the buffers and offsets are 16-aligned (checked on the PTX for sm_90).
+
+Hygiene: ``program_id(0).to(tl.int64)`` before any multiplication (buffers over 2**31 elements), masks
+wherever a lane can fall outside the buffer, all arithmetic in fp32, one rounding to the stored dtype
+(no FMA contraction: the launchers pass ``enable_fp_fusion=False``). Scalars (norm coefficients, tilt
+weights) are 0-dim fp32 device tensors read through pointers. Reductions are two-stage and
+deterministic: each program of a fixed-size grid (grid-stride over the tiles) writes one fp32 partial,
+and one program sums the partials in fp64. ``tl.constexpr`` is used only for block sizes and real mode switches.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Columns of the device run table: first tile of the run, A (4-aligned global start), B - G (buffer
+# position minus global index), G, G + n.
+RUN_FIELDS = tl.constexpr(5)
+
+# Integer arguments Triton must not specialise on (value 1 -> constexpr, multiple of 16 -> hint): each
+# specialisation compiles another kernel, and only the offsets ``a_start`` and ``shift`` decide whether
+# the loads can be vectorised (the lengths and bounds only reach masks of partial tiles).
+_TILE_COUNTS = ["seed", "n_runs", "search_steps", "g_lo", "g_hi"]
+_NOISE_ONLY = _TILE_COUNTS + ["a_start", "shift", "num_tiles"]
+
+
+@triton.jit
+def _locate_tile(tile, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+                 MULTI_RUN: tl.constexpr, BLOCK: tl.constexpr):
+    """(first global index of the tile, buffer shift, global lower and upper bound) of noise tile ``tile``."""
+    if MULTI_RUN:
+        # largest r with first_tile[r] <= tile (first_tile is ascending, first_tile[0] == 0)
+        lo = tile * 0
+        hi = lo + n_runs
+        for _ in range(search_steps):
+            mid = (lo + hi) // 2
+            go_right = tl.load(runs_ptr + mid * RUN_FIELDS) <= tile
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid)
+        row = runs_ptr + lo * RUN_FIELDS
+        g_start = tl.load(row + 1) + (tile - tl.load(row)) * BLOCK
+        return g_start, tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+    else:
+        # ``zero +`` widens to int64 (an argument equal to 1 arrives as a constexpr, without ``.to``)
+        zero = tile * 0
+        return zero + a_start + tile * BLOCK, zero + shift, zero + g_lo, zero + g_hi
+
+
+@triton.jit
+def _noise_tile(seed, g_start, BLOCK: tl.constexpr):
+    """Standard normals of global elements ``g_start .. g_start + BLOCK - 1`` (``g_start % 4 == 0``).
+
+    Element ``g`` takes normal ``g % 4`` of ``tl.randn4x(seed, g // 4)`` (spec section 4).
+    """
+    counters = g_start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    n1, n2, n3, n4 = tl.randn4x(seed, counters)
+    return tl.interleave(tl.interleave(n1, n3), tl.interleave(n2, n4))
+
+
+@triton.jit
+def _rounded(x, ptr):
+    """fp32 ``x`` rounded to nearest even in the element type of ``ptr`` (the one rounding of a result).
+
+    bf16 is rounded by hand, as PyTorch does (add 0x7FFF plus the lowest kept bit, drop 16 bits; NaN
+    kept a quiet NaN): Triton's CPU interpreter truncates fp32 -> bf16, and the GPU's cvt.rn gives the
+    same bits as this. fp16 and fp32 use the ordinary conversion.
+    """
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        kept = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        kept = tl.where(x != x, 0x7FC0, kept)
+        return kept.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _ld(ptrs, mask, MASKED: tl.constexpr, other):
+    """Load; masked only in a run's or the buffer's partial tiles, so that whole tiles keep vector loads
+    whatever the buffer's length (a mask whose bounds are not multiples of 16 defeats vectorisation)."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=other)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _st(ptrs, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, value)
+
+
+# -- reductions ----------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=_NOISE_ONLY)
+def noise_sqnorm_kernel(partials_ptr, seed, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+                        num_tiles, MULTI_RUN: tl.constexpr, BLOCK: tl.constexpr):
+    """partials[pid] = sum of xi**2 over the noise tiles pid, pid + P, pid + 2P, ... (P programs)."""
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0).to(tl.int64)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for tile in range(pid, pid * 0 + num_tiles, nprog):
+        g0, _, lo, hi = _locate_tile(tile, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+                                     MULTI_RUN, BLOCK)
+        g = g0 + tl.arange(0, BLOCK)
+        xi = _noise_tile(seed, g0, BLOCK)
+        total += tl.where((g >= lo) & (g < hi), xi * xi, 0.0)
+    tl.store(partials_ptr + pid, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _squares(x_ptr, scale_ptr, offs, mask, HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    y = _ld(x_ptr + offs, mask, MASKED, 0.0).to(tl.float32)
+    if HAS_SCALE:
+        y = y * _ld(scale_ptr + offs, mask, MASKED, 0.0).to(tl.float32)
+    return y * y
+
+
+@triton.jit(do_not_specialize=["n", "num_tiles"])
+def sqnorm_kernel(partials_ptr, x_ptr, scale_ptr, n, num_tiles, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """partials[pid] = sum of (scale * x)**2 over the tiles pid, pid + P, ... (P programs)."""
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0).to(tl.int64)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for tile in range(pid, pid * 0 + num_tiles, nprog):
+        offs = tile * BLOCK + tl.arange(0, BLOCK)
+        if (tile + 1) * BLOCK <= n:
+            total += _squares(x_ptr, scale_ptr, offs, offs < n, HAS_SCALE, False)
+        else:
+            total += _squares(x_ptr, scale_ptr, offs, offs < n, HAS_SCALE, True)
+    tl.store(partials_ptr + pid, tl.sum(total, axis=0))
+
+
+@triton.jit(do_not_specialize=["n_partials"])
+def sum_partials_kernel(out_ptr, partials_ptr, n_partials, BLOCK: tl.constexpr):
+    """out (0-dim fp32) = sum of the n_partials <= BLOCK partials, added in fp64 (one program)."""
+    offs = tl.arange(0, BLOCK)
+    p = tl.load(partials_ptr + offs, mask=offs < n_partials, other=0.0)
+    tl.store(out_ptr, tl.sum(p.to(tl.float64), axis=0).to(tl.float32))
+
+
+# -- element-wise ops over noise tiles -------------------------------------------------------------
+
+
+@triton.jit
+def _perturb_tile(theta_ptr, theta0_ptr, coef_ptr, seed, g0, offs, mask,
+                  SAVE_BACKUP: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    if SAVE_BACKUP:
+        t0 = _ld(theta_ptr + offs, mask, MASKED, None)
+        _st(theta0_ptr + offs, t0, mask, MASKED)
+    else:
+        t0 = _ld(theta0_ptr + offs, mask, MASKED, None)
+    if HAS_NOISE:
+        xi = _noise_tile(seed, g0, BLOCK)
+        new = t0.to(tl.float32) + tl.load(coef_ptr) * xi
+        _st(theta_ptr + offs, _rounded(new, theta_ptr), mask, MASKED)
+    elif not SAVE_BACKUP:
+        _st(theta_ptr + offs, t0, mask, MASKED)
+
+
+@triton.jit(do_not_specialize=_TILE_COUNTS)
+def perturb_kernel(theta_ptr, theta0_ptr, coef_ptr, seed, runs_ptr, n_runs, search_steps,
+                   a_start, shift, g_lo, g_hi,
+                   SAVE_BACKUP: tl.constexpr, HAS_NOISE: tl.constexpr, MULTI_RUN: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Random start: theta0 <- theta if SAVE_BACKUP; theta <- theta0 + coef * xi (theta0 if no noise)."""
+    pid = tl.program_id(0).to(tl.int64)
+    g0, sh, lo, hi = _locate_tile(pid, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+                                  MULTI_RUN, BLOCK)
+    g = g0 + tl.arange(0, BLOCK)
+    mask = (g >= lo) & (g < hi)
+    if (g0 >= lo) & (g0 + BLOCK <= hi):
+        _perturb_tile(theta_ptr, theta0_ptr, coef_ptr, seed, g0, g + sh, mask, SAVE_BACKUP, HAS_NOISE, BLOCK, False)
+    else:
+        _perturb_tile(theta_ptr, theta0_ptr, coef_ptr, seed, g0, g + sh, mask, SAVE_BACKUP, HAS_NOISE, BLOCK, True)
+
+
+@triton.jit(do_not_specialize=_TILE_COUNTS)
+def fill_noise_kernel(out_ptr, coef_ptr, seed, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+                      MULTI_RUN: tl.constexpr, BLOCK: tl.constexpr):
+    """out (fp32) <- coef * xi (HMC's momentum draw)."""
+    pid = tl.program_id(0).to(tl.int64)
+    g0, sh, lo, hi = _locate_tile(pid, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+                                  MULTI_RUN, BLOCK)
+    g = g0 + tl.arange(0, BLOCK)
+    xi = _noise_tile(seed, g0, BLOCK)
+    tl.store(out_ptr + g + sh, tl.load(coef_ptr) * xi, mask=(g >= lo) & (g < hi))
+
+
+@triton.jit
+def _tilt_tile(acc_ptr, grad_ptr, a_ptr, b_ptr, theta_ptr, theta0_ptr, coef_ptr, seed, g0, offs, mask,
+               FIRST: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    upd = tl.load(b_ptr) * _ld(grad_ptr + offs, mask, MASKED, None).to(tl.float32)
+    if not FIRST:
+        upd = tl.load(a_ptr) * _ld(acc_ptr + offs, mask, MASKED, None) + upd
+    _st(acc_ptr + offs, upd, mask, MASKED)
+    t0 = _ld(theta0_ptr + offs, mask, MASKED, None)
+    if HAS_NOISE:
+        xi = _noise_tile(seed, g0, BLOCK)
+        new = t0.to(tl.float32) + tl.load(coef_ptr) * xi
+        _st(theta_ptr + offs, _rounded(new, theta_ptr), mask, MASKED)
+    else:
+        _st(theta_ptr + offs, t0, mask, MASKED)
+
+
+@triton.jit(do_not_specialize=_TILE_COUNTS)
+def tilt_accumulate_kernel(acc_ptr, grad_ptr, a_ptr, b_ptr, theta_ptr, theta0_ptr, coef_ptr, seed,
+                           runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+                           FIRST: tl.constexpr, HAS_NOISE: tl.constexpr, MULTI_RUN: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """A <- a*A + b*g (b*g when FIRST: A is not read) fused with the next start theta <- theta0 + coef*xi."""
+    pid = tl.program_id(0).to(tl.int64)
+    g0, sh, lo, hi = _locate_tile(pid, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+                                  MULTI_RUN, BLOCK)
+    g = g0 + tl.arange(0, BLOCK)
+    mask = (g >= lo) & (g < hi)
+    if (g0 >= lo) & (g0 + BLOCK <= hi):
+        _tilt_tile(acc_ptr, grad_ptr, a_ptr, b_ptr, theta_ptr, theta0_ptr, coef_ptr, seed, g0, g + sh, mask,
+                   FIRST, HAS_NOISE, BLOCK, False)
+    else:
+        _tilt_tile(acc_ptr, grad_ptr, a_ptr, b_ptr, theta_ptr, theta0_ptr, coef_ptr, seed, g0, g + sh, mask,
+                   FIRST, HAS_NOISE, BLOCK, True)
+
+
+# -- plain element-wise ops -------------------------------------------------------------------------
+
+
+@triton.jit
+def _leapfrog_tile(theta_ptr, grad_ptr, kick_ptr, drift_ptr, mom_ptr, precond_ptr, offs, mask,
+                   HAS_MOMENTUM: tl.constexpr, HAS_PRECOND: tl.constexpr, MASKED: tl.constexpr):
+    step = tl.load(kick_ptr) * _ld(grad_ptr + offs, mask, MASKED, None).to(tl.float32)
+    if HAS_MOMENTUM:
+        step = _ld(mom_ptr + offs, mask, MASKED, None) + step
+        _st(mom_ptr + offs, step, mask, MASKED)
+    elif HAS_PRECOND:
+        p = _ld(precond_ptr + offs, mask, MASKED, None).to(tl.float32)
+        step = step * (p * p)
+    new = _ld(theta_ptr + offs, mask, MASKED, None).to(tl.float32) + tl.load(drift_ptr) * step
+    _st(theta_ptr + offs, _rounded(new, theta_ptr), mask, MASKED)
+
+
+@triton.jit(do_not_specialize=["n"])
+def leapfrog_kernel(theta_ptr, grad_ptr, kick_ptr, drift_ptr, mom_ptr, precond_ptr, n,
+                    HAS_MOMENTUM: tl.constexpr, HAS_PRECOND: tl.constexpr, BLOCK: tl.constexpr):
+    """HMC: v <- v + kick*g; theta <- theta + drift*v.  Ascent: theta <- theta + drift*(kick*g*P**2)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    if (pid + 1) * BLOCK <= n:
+        _leapfrog_tile(theta_ptr, grad_ptr, kick_ptr, drift_ptr, mom_ptr, precond_ptr, offs, offs < n,
+                       HAS_MOMENTUM, HAS_PRECOND, False)
+    else:
+        _leapfrog_tile(theta_ptr, grad_ptr, kick_ptr, drift_ptr, mom_ptr, precond_ptr, offs, offs < n,
+                       HAS_MOMENTUM, HAS_PRECOND, True)
+
+
+@triton.jit
+def _finalize_tile(acc_ptr, grad_ptr, a_ptr, b_ptr, inv_z_ptr, theta_ptr, theta0_ptr, offs, mask,
+                   FIRST: tl.constexpr, MASKED: tl.constexpr):
+    upd = tl.load(b_ptr) * _ld(grad_ptr + offs, mask, MASKED, None).to(tl.float32)
+    if not FIRST:
+        upd = tl.load(a_ptr) * _ld(acc_ptr + offs, mask, MASKED, None) + upd
+    _st(grad_ptr + offs, _rounded(upd * tl.load(inv_z_ptr), grad_ptr), mask, MASKED)
+    _st(theta_ptr + offs, _ld(theta0_ptr + offs, mask, MASKED, None), mask, MASKED)
+
+
+@triton.jit(do_not_specialize=["n"])
+def finalize_kernel(acc_ptr, grad_ptr, a_ptr, b_ptr, inv_z_ptr, theta_ptr, theta0_ptr, n,
+                    FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    """grad <- (a*A + b*g) * inv_z (A not read when FIRST) and theta <- theta0: the end of the step."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    if (pid + 1) * BLOCK <= n:
+        _finalize_tile(acc_ptr, grad_ptr, a_ptr, b_ptr, inv_z_ptr, theta_ptr, theta0_ptr, offs, offs < n, FIRST, False)
+    else:
+        _finalize_tile(acc_ptr, grad_ptr, a_ptr, b_ptr, inv_z_ptr, theta_ptr, theta0_ptr, offs, offs < n, FIRST, True)
+
+
+# -- the generator alone (tests compare it with tsam_fast.rng) --------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed", "n"])
+def philox_words_kernel(out_ptr, counters_ptr, seed, n, BLOCK: tl.constexpr):
+    """out[i, 0..3] = the four Philox4x32-10 words of ``tl.randint4x(seed, counters[i])`` (as int32)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    c = tl.load(counters_ptr + offs, mask=mask, other=0)
+    w0, w1, w2, w3 = tl.randint4x(seed, c)
+    tl.store(out_ptr + offs * 4, w0.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(out_ptr + offs * 4 + 1, w1.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(out_ptr + offs * 4 + 2, w2.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(out_ptr + offs * 4 + 3, w3.to(tl.int32, bitcast=True), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "n"])
+def randn4x_kernel(out_ptr, counters_ptr, seed, n, BLOCK: tl.constexpr):
+    """out[i, 0..3] = ``tl.randn4x(seed, counters[i])``."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    c = tl.load(counters_ptr + offs, mask=mask, other=0)
+    n1, n2, n3, n4 = tl.randn4x(seed, c)
+    tl.store(out_ptr + offs * 4, n1, mask=mask)
+    tl.store(out_ptr + offs * 4 + 1, n2, mask=mask)
+    tl.store(out_ptr + offs * 4 + 2, n3, mask=mask)
+    tl.store(out_ptr + offs * 4 + 3, n4, mask=mask)

@@ -1,0 +1,474 @@
+"""Triton-specific tests: the in-kernel generator against ``tsam_fast.rng``, noise runs at awkward global
+offsets, the registered ops (opcheck, torch.compile), whole TSAM trajectories against the reference
+and C++ backends, and the GPU-only checks (full-size parity, 64-bit indexing, no host sync, a CUDA
+trajectory against the CPU reference). On a GPU the device-generic tests run on CUDA: the trajectory
+tests then compare the CUDA Triton trajectory with the reference on CUDA and the C++ backend on the CPU.
+
+Without CUDA the kernels run in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` has to be in the
+environment before triton is first imported; this module sets it for a run of this file alone, and
+``tests/conftest.py`` sets it for the whole suite (test_ops.py is imported first).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import tsam_fast  # noqa: E402
+from tsam_fast import TSAM, rng  # noqa: E402
+from tsam_fast.backends import resolve_backend  # noqa: E402
+from tsam_fast.backends.reference import ReferenceBackend  # noqa: E402
+
+from conftest import DTYPES, DTYPE_IDS, TOL, assert_close  # noqa: E402
+
+STATUS = tsam_fast.backend_info()["triton"]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRETED
+
+if not STATUS.available:
+    pytest.skip(f"the triton backend is unavailable: {STATUS.reason}", allow_module_level=True)
+if not CUDA and "cpu" not in STATUS.devices:
+    pytest.skip("no CUDA, and triton was imported before TRITON_INTERPRET=1 was set (set it in the environment "
+                "or in tests/conftest.py before anything imports triton)", allow_module_level=True)
+
+from tsam_fast._kernels import launch  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+TRITON = resolve_backend("triton", DEVICE)
+REF = ReferenceBackend()
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton kernels, not the interpreter)")
+
+# Normals: the integer part is exact; the float transform (log, sqrt, cos, sin) may differ by a few ulps
+# between libms, and near a zero of cos/sin a libm's error is absolute rather than relative to the tiny
+# result (numpy's SIMD cosf, used by the interpreter on some arrays, shows it). Bound: 8 ulps of
+# max(|n|, 1), i.e. |difference| <= 8 * 2**-23 for |n| <= 1. Measured over 12M normals: at most 3 such
+# ulps between the interpreter and torch's CPU libm; libdevice's logf/cosf/sinf are within 2 ulps each.
+NORMAL_ULPS = 8
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of fp32 at max(|x|, 1)."""
+    x = x.abs().clamp_min(1.0)
+    return torch.nextafter(x, torch.full_like(x, float("inf"))) - x
+
+
+def _scalar(x, device=DEVICE):
+    return torch.tensor(x, dtype=torch.float32, device=device)
+
+
+# -- the generator --------------------------------------------------------------------------------
+
+SEEDS = [0, 1, 12345, 2**31 - 1, 2**32 + 7, rng.stream_seed(2024, 17, 2, rng.STREAM_START), 2**63 - 1]
+COUNTERS = [0, 1, 2, 3, 4, 1023, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**40 + 12345, 2**62 - 1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_philox_words_bit_identical(seed):
+    c = torch.tensor(COUNTERS + list(range(5000, 5000 + 997)), dtype=torch.int64, device=DEVICE)
+    words = launch.philox_words(seed, c).cpu()
+    cc, zero = c.cpu(), torch.zeros(c.numel(), dtype=torch.int64)
+    ref = torch.stack(rng.philox4x32(cc & 0xFFFFFFFF, cc >> 32, zero, zero, seed & 0xFFFFFFFF, seed >> 32), 1)
+    assert torch.equal(words, ref), f"first mismatch at {(words != ref).nonzero()[:4].tolist()}"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_randn4x_within_ulps(seed):
+    c = torch.tensor(COUNTERS + list(range(0, 20000 * 13, 13)), dtype=torch.int64, device=DEVICE)
+    got = launch.randn4x(seed, c).cpu()
+    ref = torch.stack(rng.randn4x(seed, c.cpu()), 1)
+    ulps = (got - ref).abs() / _ulp(ref)
+    assert ulps.max() <= NORMAL_ULPS, f"max {ulps.max():.1f} ulps at {ulps.argmax()}"
+
+
+# -- noise runs -----------------------------------------------------------------------------------
+
+RUN_LAYOUTS = {
+    # one run starting mid-counter, past 2**32 global elements (64-bit counters, high word used)
+    "one-offset": lambda n: ((0, 2**34 + 3, n),),
+    # many short runs (1, 2, 3 ... elements): several runs per 4-element counter and per tile
+    "many-short": lambda n: _short_runs(n),
+    # runs listed out of buffer order, with global gaps and a counter shared by two runs
+    "unordered": lambda n: ((n // 3, 1001, n - n // 3), (0, 6, n // 3)),
+}
+
+
+def _short_runs(n):
+    runs, b, g, k = [], 0, 7, 1
+    while b < n:
+        m = min(k, n - b)
+        runs.append((b, g, m))
+        b, g, k = b + m, g + m + (k % 3), k % 5 + 1
+    return tuple(runs)
+
+
+# (layout, n): every run gets at least one tile, so many short runs cost the interpreter a tile each
+RUN_CASES = [(layout, n) for layout in RUN_LAYOUTS for n in (1, 5, 301, 3001) if (layout, n) != ("many-short", 3001)]
+
+
+@pytest.mark.parametrize("layout,n", RUN_CASES, ids=[f"{layout}-n{n}" for layout, n in RUN_CASES])
+def test_noise_ops_over_runs(layout, n):
+    runs, seed, coef = RUN_LAYOUTS[layout](n), 2**40 + 99, _scalar(0.61)
+    dev = torch.device(DEVICE)
+    assert_close(TRITON.noise_sqnorm(runs, seed, dev).cpu(), REF.noise_sqnorm(runs, seed, dev).cpu(),
+                 rtol=1e-5, atol=1e-6, what="noise_sqnorm")
+    out, ref = torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)
+    TRITON.fill_noise(out, runs, seed, coef)
+    REF.fill_noise(ref, runs, seed, coef)
+    assert_close(out.cpu(), ref.cpu(), **TOL[torch.float32], what="fill_noise")
+    theta0 = torch.randn(n, device=DEVICE).to(torch.bfloat16)
+    out, ref = torch.empty_like(theta0), torch.empty_like(theta0)
+    TRITON.perturb(out, theta0, runs, seed, coef, False)
+    REF.perturb(ref, theta0, runs, seed, coef, False)
+    assert_close(out.cpu(), ref.cpu(), **TOL[torch.bfloat16], what="perturb")
+
+
+def test_noise_matches_rng_normal_for_any_split():
+    """A parameter's noise does not depend on how its global range is split into runs or buckets."""
+    seed, n = 77, 1037
+    whole = torch.zeros(n, device=DEVICE)
+    TRITON.fill_noise(whole, ((0, 2**33 + 2, n),), seed, _scalar(1.0))
+    assert_close(whole.cpu(), rng.normal(seed, 2**33 + 2, n), **TOL[torch.float32], what="vs rng.normal")
+    split = torch.zeros(n, device=DEVICE)
+    cuts = (0, 3, 4, 9, 500, 1000, n)
+    runs = tuple((a, 2**33 + 2 + a, b - a) for a, b in zip(cuts, cuts[1:]))
+    TRITON.fill_noise(split, runs, seed, _scalar(1.0))
+    assert torch.equal(split, whole)
+
+
+@pytest.mark.parametrize("runs", [((0, 0, 5),), ((0, 0, 3), (4, 3, 3)), ((1, 0, 7),), ((0, -4, 7),)],
+                         ids=["short", "gap", "offset", "negative"])
+def test_runs_must_tile_the_bucket(runs):
+    theta = torch.zeros(7, device=DEVICE)
+    with pytest.raises(ValueError, match="runs"):
+        TRITON.perturb(theta, theta.clone(), runs, 1, _scalar(1.0), False)
+
+
+def test_scalars_must_be_device_tensors():
+    theta = torch.zeros(7, device=DEVICE)
+    with pytest.raises(TypeError, match="coef must be a 0-dim fp32 tensor"):
+        TRITON.perturb(theta, theta.clone(), ((0, 0, 7),), 1, 0.5, False)
+    with pytest.raises(TypeError, match="kick"):
+        TRITON.leapfrog(theta, theta.clone(), _scalar(1.0).double(), _scalar(1.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
+def test_noise_free_results_bit_identical(dtype):
+    """Without noise the kernels round every product and sum as the reference does (no FMA contraction,
+    round-to-nearest-even into bf16/fp16): results are equal bit for bit, not just close."""
+    n, s = 3001, _scalar
+    mk = lambda: torch.randn(n, device=DEVICE).to(dtype)  # noqa: E731
+    theta, theta0, grad, acc, v = mk(), mk(), mk(), torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    for kw in (dict(), dict(precond=theta0), dict(momentum=v)):
+        out, ref = theta.clone(), theta.clone()
+        m_out, m_ref = (v.clone(), v.clone()) if "momentum" in kw else (None, None)
+        kw_out = dict(kw, momentum=m_out) if m_out is not None else kw
+        kw_ref = dict(kw, momentum=m_ref) if m_ref is not None else kw
+        TRITON.leapfrog(out, grad, s(0.013), s(0.7), **kw_out)
+        REF.leapfrog(ref, grad, s(0.013), s(0.7), **kw_ref)
+        assert torch.equal(out, ref), f"leapfrog {list(kw)}"
+        assert m_out is None or torch.equal(m_out, m_ref)
+    for first in (True, False):
+        outs, refs = [acc.clone(), theta.clone()], [acc.clone(), theta.clone()]
+        TRITON.tilt_accumulate(outs[0], grad, s(0.8), s(1.3), first, outs[1], theta0, ((0, 3, n),), None, s(0.0))
+        REF.tilt_accumulate(refs[0], grad, s(0.8), s(1.3), first, refs[1], theta0, ((0, 3, n),), None, s(0.0))
+        assert torch.equal(outs[0], refs[0]) and torch.equal(outs[1], refs[1]), "tilt_accumulate"
+        outs, refs = [grad.clone(), theta.clone()], [grad.clone(), theta.clone()]
+        TRITON.finalize(acc, outs[0], s(0.6), s(0.3), s(1 / 2.9), first, outs[1], theta0)
+        REF.finalize(acc, refs[0], s(0.6), s(0.3), s(1 / 2.9), first, refs[1], theta0)
+        assert torch.equal(outs[0], refs[0]) and torch.equal(outs[1], refs[1]), "finalize"
+    for save in (True, False):
+        outs, refs = [theta.clone(), theta0.clone()], [theta.clone(), theta0.clone()]
+        TRITON.perturb(*outs, ((0, 3, n),), None, s(0.5), save)
+        REF.perturb(*refs, ((0, 3, n),), None, s(0.5), save)
+        assert torch.equal(outs[0], refs[0]) and torch.equal(outs[1], refs[1]), "perturb without noise"
+
+
+# -- registration ---------------------------------------------------------------------------------
+
+
+def _op_samples(n=37, dtype=torch.float32):
+    d = dict(device=DEVICE)
+    t = lambda: torch.randn(n, **d).to(dtype)  # noqa: E731
+    runs = [0, 5, 20, 20, 1002, n - 20]
+    s = _scalar
+    return {
+        "noise_sqnorm": (runs, 2**40 + 1, torch.device(DEVICE)),
+        "sqnorm": (t(), t()),
+        "perturb": (t(), t(), runs, 9, s(0.3), True),
+        "fill_noise": (torch.randn(n, **d), runs, 9, s(0.3)),
+        "leapfrog": (t(), t(), s(0.1), s(0.7), torch.randn(n, **d), None),
+        "tilt_accumulate": (torch.randn(n, **d), t(), s(0.4), s(0.6), False, t(), t(), runs, 9, s(0.2)),
+        "finalize": (torch.randn(n, **d), t(), s(0.4), s(0.6), s(0.5), False, t(), t()),
+    }
+
+
+@pytest.mark.parametrize("op", list(_op_samples()))
+def test_opcheck(op):
+    """Schemas, declared mutations and fake implementations of the registered ops (torch.library.opcheck)."""
+    torch.library.opcheck(getattr(torch.ops.tsam_fast_triton, op).default, _op_samples()[op],
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_sees_registered_ops():
+    """torch.compile(fullgraph=True) traces user code that calls the backend: no graph break, same result."""
+    n, runs = 1001, ((0, 13, 500), (500, 1600, 501))
+
+    def fn(theta, theta0, acc, grad, coef, a, b, seed):
+        TRITON.perturb(theta, theta0, runs, seed, coef, True)
+        norm = TRITON.noise_sqnorm(runs, seed, theta.device)
+        TRITON.tilt_accumulate(acc, grad, a, b, False, theta, theta0, runs, seed + 1, coef / norm.sqrt())
+        return norm + TRITON.sqnorm(grad)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    scalars = (_scalar(0.3), _scalar(0.7), _scalar(1.1))
+    for seed in (12345, 2**62 + 3):
+        torch.manual_seed(0)
+        got = [torch.randn(n, device=DEVICE) for _ in range(4)]
+        want = [x.clone() for x in got]
+        assert_close(compiled(*got, *scalars, seed).cpu(), fn(*want, *scalars, seed).cpu(), rtol=0, atol=0,
+                     what="compiled result")
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+def test_probe_reports_import_errors(monkeypatch):
+    import sys
+
+    from tsam_fast.backends import triton_backend
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    backend, status = triton_backend.probe()
+    assert backend is None and not status.available
+    assert "triton does not import" in status.reason and "ModuleNotFoundError" in status.reason
+
+
+def test_probe_devices():
+    assert STATUS.devices == (("cuda", "cpu") if INTERPRETED else ("cuda",))
+    assert tsam_fast.backend_info()["triton"].available
+    if CUDA:
+        assert resolve_backend("auto", "cuda").name == "triton"
+
+
+def test_kernels_compile_for_the_gpu():
+    """The compiled (non-interpreted) path: every kernel compiles for sm_90 with the bundled ptxas, no GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tsam_fast._kernels.compile_check", "--quick", "--arch", "90"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- whole trajectories -----------------------------------------------------------------------------
+
+TRAJECTORIES = {
+    "ascent-gaussian": dict(sampler="ascent", start="gaussian", num_samples=3, tilt=1.0, radius=0.05,
+                            noise_scale=0.01),
+    "ascent-sam": dict(sampler="ascent", start="none", num_samples=1, tilt=0.0),
+    "adaptive-ball-clip": dict(sampler="ascent", start="ball", adaptive=True, num_samples=2, tilt=5.0,
+                               max_grad_norm=0.5, radius=0.02),
+    "hmc-sphere": dict(sampler="hmc", start="sphere", num_samples=2, hmc_steps=2, tilt=2.0, radius=0.03),
+    "random-gaussian-delta": dict(sampler="random", start="gaussian", num_samples=4, tilt=20.0, delta=1.0,
+                                  radius=0.05, noise_scale=0.02),
+}
+
+
+class _Net(torch.nn.Module):
+    """Two param groups' worth of layers, a frozen layer in the middle (so buckets have several runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(13, 17)
+        self.frozen = torch.nn.Linear(17, 17)
+        self.b = torch.nn.Linear(17, 6)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        f = torch.nn.functional
+        h = torch.tanh(f.linear(x, self.a.weight, self.a.bias.to(self.a.weight.dtype)))
+        return self.b(torch.tanh(self.frozen(h)))
+
+
+def _trajectory(backend, kwargs, device, groups=False, steps=5, bf16_bias=False):
+    torch.manual_seed(7)
+    net = _Net()
+    if bf16_bias:
+        net.a.bias.data = net.a.bias.data.to(torch.bfloat16)
+    net = net.to(device)
+    x, y = torch.randn(32, 13).to(device), torch.randn(32, 6).to(device)  # same data on every device
+    if groups:
+        params = [{"params": [net.a.weight, net.b.weight]},
+                  {"params": [net.a.bias, net.b.bias], "rho": 0.02, "tilt": 0.5, "weight_decay": 0.0}]
+    else:
+        params = net.parameters()
+    opt = TSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-4, seed=2024,
+               backend=backend, **kwargs)
+
+    def closure():
+        out = net(x)
+        loss = torch.nn.functional.mse_loss(out.float(), y)
+        loss.backward()
+        return loss
+
+    history = []
+    for _ in range(steps):
+        tilted = opt.step(closure)
+        history.append((tilted.detach().cpu(), opt.last_losses.cpu(),
+                        [(p.dtype, p.detach().float().cpu().clone()) for p in net.parameters()]))
+    return history
+
+
+def _compare(got, want, rtol=2e-5, atol=2e-6):
+    """Step by step: tilted loss, sample losses and every parameter (bf16 ones within a bf16 rounding)."""
+    for k, ((t1, l1, p1), (t2, l2, p2)) in enumerate(zip(got, want)):
+        assert_close(t1, t2, rtol=rtol, atol=atol, what=f"step {k} tilted loss")
+        assert_close(l1, l2, rtol=rtol, atol=atol, what=f"step {k} sample losses")
+        for i, ((dtype, a), (_, b)) in enumerate(zip(p1, p2)):
+            tol = dict(rtol=rtol, atol=atol) if dtype == torch.float32 else TOL[dtype]
+            assert_close(a, b, **tol, what=f"step {k} parameter {i} ({DTYPE_IDS[dtype]})")
+
+
+@pytest.mark.parametrize("name", list(TRAJECTORIES))
+def test_trajectory_matches_reference(name):
+    kwargs = TRAJECTORIES[name]
+    _compare(_trajectory("triton", kwargs, DEVICE), _trajectory("reference", kwargs, DEVICE))
+
+
+def test_trajectory_groups_and_mixed_dtypes():
+    """Two param groups (different rho and tilt), a bf16 parameter among fp32 ones, a frozen layer."""
+    kwargs = TRAJECTORIES["ascent-gaussian"]
+    _compare(_trajectory("triton", kwargs, DEVICE, groups=True, bf16_bias=True),
+             _trajectory("reference", kwargs, DEVICE, groups=True, bf16_bias=True))
+
+
+@pytest.mark.parametrize("name", ["ascent-gaussian", "hmc-sphere"])
+def test_trajectory_matches_cpp(name):
+    """Same seed, same noise on the C++ backend: the two fused backends follow the same trajectory."""
+    cpp = tsam_fast.backend_info()["cpp"]
+    if not cpp.available:
+        pytest.skip(f"cpp backend unavailable: {cpp.reason}")
+    kwargs = TRAJECTORIES[name]
+    _compare(_trajectory("triton", kwargs, DEVICE), _trajectory("cpp", kwargs, "cpu"),
+             **(dict(rtol=1e-4, atol=1e-5) if CUDA else {}))
+
+
+# -- GPU only -------------------------------------------------------------------------------------
+
+BIG = 100_000_000
+
+
+def _big_runs(n):
+    half = n // 2 + 1
+    return ((0, 2**33 + 1, half), (half, 2**33 + 1 + half + 1002, n - half))
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_full_size_parity(dtype):
+    """Every op at 1e8 elements (fp32 math, two runs straddling counters) against the reference on CUDA."""
+    n, runs, dev, tol = BIG, _big_runs(BIG), torch.device("cuda"), TOL[dtype]
+    mk = lambda: torch.randn(n, device="cuda").to(dtype)  # noqa: E731
+    assert_close(TRITON.noise_sqnorm(runs, 5, dev).cpu(), REF.noise_sqnorm(runs, 5, dev).cpu(),
+                 rtol=1e-5, atol=0, what="noise_sqnorm")
+    x, s = mk(), mk()
+    assert_close(TRITON.sqnorm(x, s).cpu(), REF.sqnorm(x, s).cpu(), rtol=1e-5, atol=0, what="sqnorm")
+    theta, theta0, grad = mk(), mk(), mk()
+    out, ref = [theta.clone(), theta0.clone()], [theta.clone(), theta0.clone()]
+    TRITON.perturb(*out, runs, 6, _scalar(0.3), True)
+    REF.perturb(*ref, runs, 6, _scalar(0.3), True)
+    assert_close(out[0], ref[0], **tol, what="perturb")
+    assert torch.equal(out[1], ref[1])
+    del out, ref
+    acc = torch.randn(n, device="cuda")
+    outs, refs = [acc.clone(), theta.clone()], [acc.clone(), theta.clone()]
+    TRITON.tilt_accumulate(outs[0], grad, _scalar(0.7), _scalar(0.2), False, outs[1], theta0, runs, 8, _scalar(0.1))
+    REF.tilt_accumulate(refs[0], grad, _scalar(0.7), _scalar(0.2), False, refs[1], theta0, runs, 8, _scalar(0.1))
+    assert_close(outs[0], refs[0], rtol=2e-6, atol=1e-30, what="tilt A")
+    assert_close(outs[1], refs[1], **tol, what="tilt theta")
+    del outs, refs
+    out, ref = theta.clone(), theta.clone()
+    TRITON.leapfrog(out, grad, _scalar(0.01), _scalar(1.0), precond=theta0)
+    REF.leapfrog(ref, grad, _scalar(0.01), _scalar(1.0), precond=theta0)
+    assert_close(out, ref, **tol, what="leapfrog")
+    g_out, g_ref, t_out = grad.clone(), grad.clone(), theta.clone()
+    TRITON.finalize(acc, g_out, _scalar(0.6), _scalar(0.3), _scalar(0.4), False, t_out, theta0)
+    REF.finalize(acc, g_ref, _scalar(0.6), _scalar(0.3), _scalar(0.4), False, theta.clone(), theta0)
+    assert_close(g_out, g_ref, **tol, what="finalize grad")
+    assert torch.equal(t_out, theta0)
+
+
+@gpu_only
+def test_buffers_over_2_31_elements():
+    """64-bit indexing: a bf16 bucket of 2**31 + 4099 elements, checked in the region past 2**31."""
+    n, glob = 2**31 + 4099, 2**35 + 3
+    tail = slice(2**31 - 5, n)
+    theta0 = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    theta0[tail] = torch.randn(n - tail.start, device="cuda").to(torch.bfloat16)
+    theta = torch.empty_like(theta0)
+    TRITON.perturb(theta, theta0, ((0, glob, n),), 11, _scalar(0.5), False)
+    want = theta0[tail].float() + 0.5 * rng.normal(11, glob + tail.start, n - tail.start, device="cuda")
+    assert_close(theta[tail], want.to(torch.bfloat16), **TOL[torch.bfloat16], what="perturb past 2**31")
+    grad = torch.ones_like(theta0)
+    before = theta[tail].float()
+    TRITON.leapfrog(theta, grad, _scalar(0.25), _scalar(1.0))
+    assert_close(theta[tail], (before + 0.25).to(torch.bfloat16), **TOL[torch.bfloat16], what="leapfrog past 2**31")
+    del theta0
+    got = TRITON.sqnorm(grad)
+    assert got.item() == pytest.approx(float(n), rel=1e-6)
+
+
+@gpu_only
+def test_step_makes_no_host_sync():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+    x, y = torch.randn(16, 64, device="cuda"), torch.randn(16, 8, device="cuda")
+    opt = TSAM(net.parameters(), torch.optim.SGD, lr=0.01, momentum=0.9, backend="triton", check_finite=False,
+               num_samples=3, seed=1)
+    assert opt.backend_name("cuda") == "triton"
+
+    def closure():
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # warm-up: kernel compilation, flat buffers
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            opt.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@gpu_only
+def test_cuda_trajectory_matches_reference_on_cpu():
+    """Same seed, same noise on both devices: the CUDA Triton trajectory follows the CPU reference one."""
+    kwargs = TRAJECTORIES["ascent-gaussian"]
+    _compare(_trajectory("triton", kwargs, "cuda"), _trajectory("reference", kwargs, "cpu"),
+             rtol=1e-4, atol=1e-5)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
+def test_optimizer_dtypes_on_cuda(dtype):
+    """A model stored in each dtype trains with backend='auto' (which picks triton for CUDA)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(33, 7).cuda().to(dtype)
+    opt = TSAM(net.parameters(), torch.optim.SGD, lr=0.01, seed=3)
+    assert opt.backend_name("cuda") == "triton"
+    x = torch.randn(8, 33, device="cuda", dtype=dtype)
+
+    def closure():
+        loss = net(x).float().square().mean()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        assert torch.isfinite(opt.step(closure))
