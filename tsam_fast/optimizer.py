@@ -211,8 +211,12 @@ class TSAM(torch.optim.Optimizer):
         return self._step_count
 
     def extra_memory_bytes(self) -> int:
-        """Bytes of the optimizer's own buffers (theta0, the fp32 accumulator, HMC momentum)."""
-        return 0 if self._layout is None else sum(b.state_bytes() for b in self._layout.buckets)
+        """Bytes of the optimizer's own buffers (theta0, the fp32 accumulator, HMC momentum) plus what its
+        backends keep between ops (the C++ backend's stored noise: 4 bytes per parameter)."""
+        if self._layout is None:
+            return 0
+        held = sum(be.held_bytes() for be in {id(be): be for be in self._backends.values()}.values())
+        return sum(b.state_bytes() for b in self._layout.buckets) + held
 
     def backend_name(self, device: Union[str, torch.device] = "cpu") -> str:
         """The name of the backend that runs this optimizer's ops for parameters on ``device``."""

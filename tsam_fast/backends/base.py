@@ -37,6 +37,10 @@ class Backend:
     #: registry name, e.g. "reference"
     name: str = ""
 
+    def held_bytes(self) -> int:
+        """Bytes of buffers the backend itself keeps between ops (e.g. cached noise); 0 by default."""
+        return 0
+
     def noise_sqnorm(self, runs: Runs, seed: int, device: torch.device) -> torch.Tensor:
         """``sum(xi**2)`` over the bucket's elements (generator only, no memory traffic)."""
         raise NotImplementedError

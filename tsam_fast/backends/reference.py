@@ -16,8 +16,8 @@ _F32 = torch.float32
 
 
 def _noise(runs, seed, n, device):
-    """The bucket's noise as one fp32 buffer of ``n`` elements (generated, never cached)."""
-    xi = torch.empty(n, dtype=_F32, device=device)
+    """The bucket's noise as one fp32 buffer of ``n`` elements (generated, never cached); 0 outside the runs."""
+    xi = torch.zeros(n, dtype=_F32, device=device)
     for buf_off, glob_off, length in runs:
         rng.normal(seed, glob_off, length, out=xi[buf_off:buf_off + length])
     return xi
