@@ -104,6 +104,16 @@ def test_tilt_schedule_matches_naive():
         assert_close(a, b, rtol=1e-5, atol=1e-6, what="schedule")
 
 
+def grads_at(point, x, y):
+    """The gradient of the loss at logged parameter values, recomputed on a fresh model."""
+    probe = mlp()
+    with torch.no_grad():
+        for q, v in zip(probe.parameters(), point):
+            q.copy_(v)
+    nn.functional.cross_entropy(probe(x), y).backward()
+    return [q.grad for q in probe.parameters()]
+
+
 def _grads_per_sample(model, closure, s, **kw):
     """Gradients at each sample point, recomputed independently from the closure-call log."""
     log = []
@@ -124,13 +134,8 @@ def test_zero_tilt_is_plain_average():
     assert_close(tilted, opt.last_losses.mean(), rtol=1e-6, atol=0, what="tilted loss at t=0")
     expected = [torch.zeros_like(p) for p in model.parameters()]
     for point in log:
-        probe = mlp()
-        with torch.no_grad():
-            for q, v in zip(probe.parameters(), point):
-                q.copy_(v)
-        nn.functional.cross_entropy(probe(x), y).backward()
-        for e, q in zip(expected, probe.parameters()):
-            e += q.grad / 4
+        for e, g in zip(expected, grads_at(point, x, y)):
+            e += g / 4
     for p, e in zip(model.parameters(), expected):
         assert_close(p.grad, e, rtol=1e-5, atol=1e-7, what="mean gradient")
 
@@ -173,14 +178,9 @@ def test_large_tilt_picks_the_max_loss_sample():
     worst = int(opt.last_losses.argmax())
     assert float(opt.last_weights[worst]) > 0.999
     assert abs(float(tilted) - float(opt.last_losses.max())) < 1e-3
-    probe = mlp()
-    with torch.no_grad():
-        for q, v in zip(probe.parameters(), log[worst]):
-            q.copy_(v)
-    nn.functional.cross_entropy(probe(x), y).backward()
-    for p, q in zip(model.parameters(), probe.parameters()):
+    for p, g in zip(model.parameters(), grads_at(log[worst], x, y)):
         assert torch.isfinite(p.grad).all()
-        assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, what="max-loss gradient")
+        assert_close(p.grad, g, rtol=1e-4, atol=1e-6, what="max-loss gradient")
 
 
 def test_ascent_geometry():
@@ -190,12 +190,7 @@ def test_ascent_geometry():
     opt, log = _grads_per_sample(model, None, 2, rho=0.3, radius=0.05)
     for j in range(2):
         first, second = log[2 * j], log[2 * j + 1]
-        probe = mlp()
-        with torch.no_grad():
-            for q, v in zip(probe.parameters(), first):
-                q.copy_(v)
-        nn.functional.cross_entropy(probe(x), y).backward()
-        g = [q.grad for q in probe.parameters()]
+        g = grads_at(first, x, y)
         norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in g))
         for a, b, gi in zip(first, second, g):
             assert_close(b - a, 0.3 * gi / norm, rtol=1e-4, atol=2e-7, what="ascent step")
