@@ -95,6 +95,12 @@ class TSAM(torch.optim.Optimizer):
         check_finite: raise :class:`NonFiniteLossError` (and undo the step) when a loss is NaN/inf.
             This reads one flag on the host at the end of each step; ``False`` makes the step free of
             host syncs, and non-finite losses then propagate as in any torch optimizer.
+        process_group: data parallelism (spec section 6): each sample's loss is averaged over the ranks
+            of this group (one scalar all-reduce per sample, no host sync on NCCL) before it enters the
+            tilt, so every rank derives the same weights; the gradients are already averaged by DDP and
+            every rank draws the same noise from the same seed. ``"auto"`` (default) uses the default
+            group when ``torch.distributed`` is initialized with more than one rank; ``None`` never
+            all-reduces (e.g. independent models per rank).
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
     The closure evaluates the loss at the current (perturbed) parameters and calls ``backward()``;
@@ -108,7 +114,8 @@ class TSAM(torch.optim.Optimizer):
                  radius: float = 1.0, noise_scale: float = 1.0, rho: float = 0.05,
                  adaptive: bool = False, max_grad_norm: Optional[float] = None, delta: float = 0.0,
                  hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
-                 seed: int = 0, backend: str = "auto", check_finite: bool = True, **base_kwargs):
+                 seed: int = 0, backend: str = "auto", check_finite: bool = True,
+                 process_group: Union[str, None, object] = "auto", **base_kwargs):
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError("base_optimizer must be an optimizer class such as torch.optim.SGD "
                             f"(got {base_optimizer!r}); its options go in TSAM's keyword arguments")
@@ -129,6 +136,7 @@ class TSAM(torch.optim.Optimizer):
         self.seed = int(seed)
         self.backend = _check_choice("backend", backend, ("auto",) + BACKENDS)
         self.check_finite = bool(check_finite)
+        self.process_group = process_group
         defaults = dict(tilt=_check_tilt(tilt), rho=_check_number("rho", rho),
                         radius=_check_number("radius", radius), **base_kwargs)
         self._layout: Optional[FlatLayout] = None
@@ -278,6 +286,10 @@ class TSAM(torch.optim.Optimizer):
                 elif self.sampler == "hmc":
                     self._leapfrog(closure, run, j)
                 loss = run.evaluate(closure)
+                if run.world > 1:  # every rank must derive the same weights: average the loss over ranks
+                    loss = loss.clone()  # it may alias the closure's own loss tensor
+                    torch.distributed.all_reduce(loss, group=run.group)
+                    loss /= run.world
                 run.losses[j] = loss
                 clip = None
                 if self.max_grad_norm is not None:
@@ -354,6 +366,20 @@ class TSAM(torch.optim.Optimizer):
             p.grad = None
 
 
+def _loss_group(process_group):
+    """(group, world size) over which sample losses are averaged; world size 1 means no all-reduce."""
+    if process_group is None:
+        return None, 1
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group == "auto":
+            return None, 1
+        raise RuntimeError("TSAM(process_group=...) was given but torch.distributed is not initialized; "
+                           "call torch.distributed.init_process_group first, or pass process_group=None")
+    group = None if process_group == "auto" else process_group
+    return group, dist.get_world_size(group)
+
+
 class _TiltState:
     """Online log-sum-exp of the tilt, per distinct weight temperature tau = t - delta (spec section 2).
 
@@ -397,6 +423,7 @@ class _Step:
         self.tilts = [opt._tilt_at(group) for group in opt.param_groups]
         self.tilt = _TiltState([t - opt.delta for t in self.tilts])
         self.losses = torch.empty(opt.num_samples, dtype=torch.float32, device=self.device)
+        self.group, self.world = _loss_group(opt.process_group)
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
 
     def each(self, op) -> None:
