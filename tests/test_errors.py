@@ -178,3 +178,26 @@ def test_check_finite_off_lets_nan_through_without_raising():
     opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, check_finite=False, backend="reference")
     loss = opt.step(lambda: (l := model(x).square().mean() * float("nan")).backward() or l)
     assert math.isnan(float(loss))
+
+
+def test_state_dict_of_another_model_shape_is_rejected():
+    model, x, opt = _trained()
+    other = nn.Linear(4, 5)
+    opt2 = TSAM(other.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="reference")
+    with pytest.raises(ValueError, match=r"parameter 0 has shape \(5, 4\) but its saved 'momentum_buffer' has shape"):
+        opt2.load_state_dict(opt.state_dict())
+    assert opt2.step_count == 0 and not opt2.base_optimizer.state
+
+
+def test_deepcopy_continues_identically():
+    import copy
+
+    model, x, opt = _trained()
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.param_groups[0]["params"][0] is model2.weight
+    for _ in range(2):
+        opt.step(lambda: (l := model(x).square().mean()).backward() or l)
+        opt2.step(lambda: (l := model2(x).square().mean()).backward() or l)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+    assert opt2.step_count == opt.step_count == 3

@@ -190,6 +190,16 @@ class TSAM(torch.optim.Optimizer):
                              "state_dict use opt.base_optimizer.load_state_dict(...)")
         sd = dict(state_dict)
         tsam = sd.pop("tsam")
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entry in sd.get("state", {}).items():
+            if not isinstance(index, int) or index >= len(params):
+                continue  # the base optimizer reports group/parameter count mismatches itself
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
+                    raise ValueError(
+                        f"this state_dict does not fit the optimizer's parameters: parameter {index} has shape "
+                        f"{tuple(params[index].shape)} but its saved {key!r} has shape {tuple(value.shape)}; "
+                        "load it into an optimizer built on the same model")
         tilts = [g["tilt"] for g in self.param_groups]
         self.base_optimizer.load_state_dict(sd)
         self.param_groups = self.base_optimizer.param_groups
@@ -200,6 +210,17 @@ class TSAM(torch.optim.Optimizer):
         self._step_count = int(tsam["step"])
         self.seed = int(tsam["seed"])
         self._invalidate_layout()
+
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy``: everything but the flat layout and the backend handles, which
+        are rebuilt on the next step (a deep copy owns copies of the parameters, so it repacks those)."""
+        state = dict(self.__dict__)
+        state["_layout"] = None
+        state["_backends"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``; inside a step's closure it zeroes the flat views and keeps them attached."""
@@ -417,6 +438,7 @@ class _Step:
     def __init__(self, opt: TSAM, layout: FlatLayout):
         self.opt, self.layout = opt, layout
         self.buckets = layout.buckets
+        self.backends = {b.device: opt._backend_for(b.device) for b in self.buckets}
         self.device = self.buckets[0].device  # where the step's scalars live
         self.k = opt._step_count
         self.group0 = self.buckets[0].group_index
@@ -428,7 +450,7 @@ class _Step:
 
     def each(self, op) -> None:
         for b in self.buckets:
-            op(self.opt._backends[b.device], b)
+            op(self.backends[b.device], b)
 
     @staticmethod
     def of(per_group: List[torch.Tensor], bucket) -> torch.Tensor:
@@ -440,7 +462,7 @@ class _Step:
 
     def global_sqnorm(self, op) -> torch.Tensor:
         """Sum of a per-bucket squared norm over all buckets (one norm over all trainable parameters)."""
-        parts = [op(self.opt._backends[b.device], b).to(self.device, non_blocking=True) for b in self.buckets]
+        parts = [op(self.backends[b.device], b).to(self.device, non_blocking=True) for b in self.buckets]
         return torch.stack(parts).sum()
 
     def start_coefficients(self, j: int):
