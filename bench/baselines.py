@@ -178,7 +178,21 @@ class SAM:
         return _nbytes(p for p in self.params)
 
 
-class AuthorsTSAM:
+class _NoisyBaseline:
+    """What the two TSAM baselines share: the base optimizer over the parameters, the noise source bound
+    to their global offsets, 2 closure calls per sample (``ascent``) and the step counter of the noise."""
+
+    def __init__(self, params, cfg: TSAMConfig, noise: NoiseSource):
+        self.params = list(params)
+        self.cfg = cfg
+        self.noise = noise
+        noise.bind(self.params)
+        self.opt = cfg.base_optimizer(self.params, **cfg.base_kwargs)
+        self.calls_per_step = 2 * cfg.num_samples
+        self.step_count = 0
+
+
+class AuthorsTSAM(_NoisyBaseline):
     """The published TSAM loop (``random1`` sampler, ``gaussian`` epsilon), kept faithful on purpose.
 
     Same math as ``TSAM(sampler="ascent", start="gaussian")``: noise ``scaling * xi`` clipped to norm
@@ -189,14 +203,8 @@ class AuthorsTSAM:
     """
 
     def __init__(self, params, cfg: TSAMConfig, noise: NoiseSource):
-        self.params = list(params)
-        self.cfg = cfg
-        self.noise = noise
-        noise.bind(self.params)
-        self.opt = cfg.base_optimizer(self.params, **cfg.base_kwargs)
+        super().__init__(params, cfg, noise)
         self.state: Dict[torch.Tensor, dict] = {p: {} for p in self.params}
-        self.calls_per_step = 2 * cfg.num_samples
-        self.step_count = 0
         self.track_memory = False  # the benchmark sets it for one untimed step: the bookkeeping costs time
         self._peak = 0
 
@@ -289,7 +297,7 @@ class AuthorsTSAM:
         return self._peak
 
 
-class ForeachTSAM:
+class ForeachTSAM(_NoisyBaseline):
     """TSAM in plain PyTorch at its best: foreach ops, device scalars, one streaming accumulator.
 
     The accumulator is kept normalized, ``A = sum_j w_j g_j`` under the weights seen so far, so each
@@ -300,18 +308,12 @@ class ForeachTSAM:
     """
 
     def __init__(self, params, cfg: TSAMConfig, noise: NoiseSource):
-        self.params = list(params)
-        self.cfg = cfg
-        self.noise = noise
-        noise.bind(self.params)
-        self.opt = cfg.base_optimizer(self.params, **cfg.base_kwargs)
+        super().__init__(params, cfg, noise)
         for p in self.params:
             p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
         self.grads = [p.grad for p in self.params]
         self.theta0 = [torch.empty_like(p) for p in self.params]
         self.acc = [torch.empty_like(p, dtype=torch.float32) for p in self.params]
-        self.calls_per_step = 2 * cfg.num_samples
-        self.step_count = 0
 
     def _call(self, closure) -> torch.Tensor:
         torch._foreach_zero_(self.grads)

@@ -106,6 +106,21 @@ void check_f32(const at::Tensor& t, const char* name, int64_t n) {
               t.scalar_type());
 }
 
+// A buffer of theta's length and dtype (grad, theta0, precond).
+void check_like_theta(const at::Tensor& t, const at::Tensor& theta, const char* name) {
+  check_buffer(t, name, theta.numel());
+  check_same_dtype(t, theta, name);
+}
+
+// The buffers of the tilt update and of finalize: A (fp32), and g and theta0 like theta.
+void check_tilt_buffers(const at::Tensor& acc, const at::Tensor& grad, const at::Tensor& theta,
+                        const at::Tensor& theta0) {
+  check_buffer(theta, "theta", -1);
+  check_f32(acc, "acc", theta.numel());
+  check_like_theta(grad, theta, "grad");
+  check_like_theta(theta0, theta, "theta0");
+}
+
 // A 0-dim (or 1-element) fp32 scalar tensor: reading it on the host is free on the CPU.
 float scalar_of(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat && t.device().is_cpu(),
@@ -233,8 +248,7 @@ void perturb(const at::Tensor& theta, const at::Tensor& theta0, c10::IntArrayRef
              const at::Tensor& coef, bool save_backup, const std::optional<at::Tensor>& xi) {
   check_buffer(theta, "theta", -1);
   const int64_t n = theta.numel();
-  check_buffer(theta0, "theta0", n);
-  check_same_dtype(theta0, theta, "theta0");
+  check_like_theta(theta0, theta, "theta0");
   const DType dt = dtype_of(theta, "theta");
   check_stored(xi, seed, n);
   const float c = scalar_of(coef, "coef");
@@ -264,15 +278,11 @@ void leapfrog(const at::Tensor& theta, const at::Tensor& grad, const at::Tensor&
   check_buffer(theta, "theta", -1);
   const int64_t n = theta.numel();
   const DType dt = dtype_of(theta, "theta");
-  check_buffer(grad, "grad", n);
-  check_same_dtype(grad, theta, "grad");
+  check_like_theta(grad, theta, "grad");
   TORCH_CHECK(!(momentum && precond), "tsam_fast cpp backend: leapfrog takes momentum (hmc) or precond "
               "(adaptive ascent), not both");
   if (momentum) check_f32(*momentum, "momentum", n);
-  if (precond) {
-    check_buffer(*precond, "precond", n);
-    check_same_dtype(*precond, theta, "precond");
-  }
+  if (precond) check_like_theta(*precond, theta, "precond");
   const float kk = scalar_of(kick, "kick"), dd = scalar_of(drift, "drift");
   const auto segs = segments(n, {}, false);
   const KernelTable& k = K();
@@ -286,14 +296,9 @@ void leapfrog(const at::Tensor& theta, const at::Tensor& grad, const at::Tensor&
 void tilt_accumulate(const at::Tensor& acc, const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
                      bool first, const at::Tensor& theta, const at::Tensor& theta0, c10::IntArrayRef runs,
                      std::optional<int64_t> seed, const at::Tensor& coef, const std::optional<at::Tensor>& xi) {
-  check_buffer(theta, "theta", -1);
+  check_tilt_buffers(acc, grad, theta, theta0);
   const int64_t n = theta.numel();
   const DType dt = dtype_of(theta, "theta");
-  check_f32(acc, "acc", n);
-  check_buffer(grad, "grad", n);
-  check_same_dtype(grad, theta, "grad");
-  check_buffer(theta0, "theta0", n);
-  check_same_dtype(theta0, theta, "theta0");
   check_stored(xi, seed, n);
   const float av = scalar_of(a, "a"), bv = scalar_of(b, "b"), c = scalar_of(coef, "coef");
   const auto segs = segments(n, runs, seed.has_value());
@@ -308,14 +313,9 @@ void tilt_accumulate(const at::Tensor& acc, const at::Tensor& grad, const at::Te
 
 void finalize(const at::Tensor& acc, const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
               const at::Tensor& inv_z, bool first, const at::Tensor& theta, const at::Tensor& theta0) {
-  check_buffer(theta, "theta", -1);
+  check_tilt_buffers(acc, grad, theta, theta0);
   const int64_t n = theta.numel();
   const DType dt = dtype_of(theta, "theta");
-  check_f32(acc, "acc", n);
-  check_buffer(grad, "grad", n);
-  check_same_dtype(grad, theta, "grad");
-  check_buffer(theta0, "theta0", n);
-  check_same_dtype(theta0, theta, "theta0");
   const float av = scalar_of(a, "a"), bv = scalar_of(b, "b"), iz = scalar_of(inv_z, "inv_z");
   const auto segs = segments(n, {}, false);
   const KernelTable& k = K();

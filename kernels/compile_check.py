@@ -55,10 +55,9 @@ def variants(quick: bool):
                         dict(FIRST=first, BLOCK=4096), 8))
     out.append(("sum_partials_kernel", dict(out_ptr="*fp32", partials_ptr="*fp32", n_partials="i32"),
                 dict(BLOCK=1024), 4))
-    out.append(("philox_words_kernel", dict(out_ptr="*i32", counters_ptr="*i64", seed="i64", n="i32"),
-                dict(BLOCK=1024), 4))
-    out.append(("randn4x_kernel", dict(out_ptr="*fp32", counters_ptr="*i64", seed="i32", n="i32"),
-                dict(BLOCK=1024), 4))
+    for normals, out_type in ((False, "*i32"), (True, "*fp32")):
+        out.append(("generator_kernel", dict(out_ptr=out_type, counters_ptr="*i64", seed="i64", n="i32"),
+                    dict(NORMALS=normals, BLOCK=1024), 4))
     return out
 
 

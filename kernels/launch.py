@@ -160,6 +160,25 @@ def _buffer(name: str, t: torch.Tensor, n: int, device: torch.device, dtype=None
     return t
 
 
+def _tiling(runs, seed: Optional[int], n: int, device: torch.device) -> Tuple[Config, Tiles]:
+    """Block config and tiles of an op that adds noise: noise tiles over the runs, or plain tiles when
+    ``seed`` is None (no generator: the op only copies theta0)."""
+    cfg = config("noise" if seed is not None else "plain", n)
+    return cfg, noise_tiles(runs, n, cfg.block, device) if seed is not None else _whole(n, cfg.block)
+
+
+def _tilt_buffers(acc, grad, theta, theta0, **scalars) -> Tuple[int, torch.device]:
+    """Checks of the tilt update and finalize: theta0 and grad like theta, A fp32, the named scalars."""
+    n, dev = theta.numel(), theta.device
+    _buffer("theta", theta, n, dev)
+    _buffer("theta0", theta0, n, dev, theta.dtype)
+    _buffer("grad", grad, n, dev, theta.dtype)
+    _buffer("acc", acc, n, dev, _F32)
+    for name, t in scalars.items():
+        _scalar(name, t, dev)
+    return n, dev
+
+
 def _seed(seed: int) -> int:
     seed = int(seed)
     if not 0 <= seed < 1 << 63:
@@ -235,8 +254,7 @@ def perturb(theta, theta0, runs, seed: Optional[int], coef, save_backup: bool) -
     _scalar("coef", coef, dev)
     if n == 0:
         return
-    cfg = config("noise" if seed is not None else "plain", n)
-    tiles = noise_tiles(runs, n, cfg.block, dev) if seed is not None else _whole(n, cfg.block)
+    cfg, tiles = _tiling(runs, seed, n, dev)
     with _on_device(dev):
         K.perturb_kernel[(tiles.num_tiles,)](
             theta, theta0, coef, _seed(seed) if seed is not None else 0, *tiles.args(theta),
@@ -279,17 +297,10 @@ def leapfrog(theta, grad, kick, drift, momentum=None, precond=None) -> None:
 
 
 def tilt_accumulate(acc, grad, a, b, first: bool, theta, theta0, runs, seed: Optional[int], coef) -> None:
-    n, dev = theta.numel(), theta.device
-    _buffer("theta", theta, n, dev)
-    _buffer("theta0", theta0, n, dev, theta.dtype)
-    _buffer("grad", grad, n, dev, theta.dtype)
-    _buffer("acc", acc, n, dev, _F32)
-    for name, t in (("a", a), ("b", b), ("coef", coef)):
-        _scalar(name, t, dev)
+    n, dev = _tilt_buffers(acc, grad, theta, theta0, a=a, b=b, coef=coef)
     if n == 0:
         return
-    cfg = config("noise" if seed is not None else "plain", n)
-    tiles = noise_tiles(runs, n, cfg.block, dev) if seed is not None else _whole(n, cfg.block)
+    cfg, tiles = _tiling(runs, seed, n, dev)
     with _on_device(dev):
         K.tilt_accumulate_kernel[(tiles.num_tiles,)](
             acc, grad, a, b, theta, theta0, coef, _seed(seed) if seed is not None else 0, *tiles.args(theta),
@@ -298,13 +309,7 @@ def tilt_accumulate(acc, grad, a, b, first: bool, theta, theta0, runs, seed: Opt
 
 
 def finalize(acc, grad, a, b, inv_z, first: bool, theta, theta0) -> None:
-    n, dev = theta.numel(), theta.device
-    _buffer("theta", theta, n, dev)
-    _buffer("theta0", theta0, n, dev, theta.dtype)
-    _buffer("grad", grad, n, dev, theta.dtype)
-    _buffer("acc", acc, n, dev, _F32)
-    for name, t in (("a", a), ("b", b), ("inv_z", inv_z)):
-        _scalar(name, t, dev)
+    n, dev = _tilt_buffers(acc, grad, theta, theta0, a=a, b=b, inv_z=inv_z)
     if n == 0:
         return
     cfg = config("plain", n)
@@ -317,24 +322,22 @@ def finalize(acc, grad, a, b, inv_z, first: bool, theta, theta0) -> None:
 # -- the generator alone ----------------------------------------------------------------------------
 
 
-def philox_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    """int64 [len(counters), 4]: the Philox words of ``tl.randint4x(seed, counters)`` as unsigned values."""
+def _generate(seed: int, counters: torch.Tensor, normals: bool) -> torch.Tensor:
     n = counters.numel()
-    out = torch.empty((n, 4), dtype=torch.int32, device=counters.device)
+    out = torch.empty((n, 4), dtype=_F32 if normals else torch.int32, device=counters.device)
     if n:
         with _on_device(counters.device):
-            K.philox_words_kernel[(triton.cdiv(n, 1024),)](out, counters.to(torch.int64).contiguous(),
-                                                           _seed(seed), n, BLOCK=1024, **_EXACT)
-    return out.to(torch.int64) & 0xFFFFFFFF
+            K.generator_kernel[(triton.cdiv(n, 1024),)](out, counters.to(torch.int64).contiguous(), _seed(seed), n,
+                                                        NORMALS=normals, BLOCK=1024, **_EXACT)
+    return out
+
+
+def philox_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """int64 [len(counters), 4]: the Philox words of ``tl.randint4x(seed, counters)`` as unsigned values."""
+    return _generate(seed, counters, normals=False).to(torch.int64) & 0xFFFFFFFF
 
 
 def randn4x(seed: int, counters: torch.Tensor) -> torch.Tensor:
     """fp32 [len(counters), 4]: ``tl.randn4x(seed, counters)``."""
-    n = counters.numel()
-    out = torch.empty((n, 4), dtype=_F32, device=counters.device)
-    if n:
-        with _on_device(counters.device):
-            K.randn4x_kernel[(triton.cdiv(n, 1024),)](out, counters.to(torch.int64).contiguous(),
-                                                      _seed(seed), n, BLOCK=1024, **_EXACT)
-    return out
+    return _generate(seed, counters, normals=True)
 

@@ -68,6 +68,17 @@ def _locate_tile(tile, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_h
 
 
 @triton.jit
+def _noise_span(tile, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+                MULTI_RUN: tl.constexpr, BLOCK: tl.constexpr):
+    """Noise tile ``tile``: (its first global index g0, its buffer offsets, the mask of its lanes inside
+    its run, whether it lies wholly inside the run and so needs no mask)."""
+    g0, sh, lo, hi = _locate_tile(tile, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+                                  MULTI_RUN, BLOCK)
+    g = g0 + tl.arange(0, BLOCK)
+    return g0, g + sh, (g >= lo) & (g < hi), (g0 >= lo) & (g0 + BLOCK <= hi)
+
+
+@triton.jit
 def _noise_tile(seed, g_start, BLOCK: tl.constexpr):
     """Standard normals of global elements ``g_start .. g_start + BLOCK - 1`` (``g_start % 4 == 0``).
 
@@ -124,11 +135,10 @@ def noise_sqnorm_kernel(partials_ptr, seed, runs_ptr, n_runs, search_steps, a_st
     nprog = tl.num_programs(0).to(tl.int64)
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for tile in range(pid, pid * 0 + num_tiles, nprog):
-        g0, _, lo, hi = _locate_tile(tile, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
+        g0, _, mask, _ = _noise_span(tile, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
                                      MULTI_RUN, BLOCK)
-        g = g0 + tl.arange(0, BLOCK)
         xi = _noise_tile(seed, g0, BLOCK)
-        total += tl.where((g >= lo) & (g < hi), xi * xi, 0.0)
+        total += tl.where(mask, xi * xi, 0.0)
     tl.store(partials_ptr + pid, tl.sum(total, axis=0))
 
 
@@ -188,27 +198,22 @@ def perturb_kernel(theta_ptr, theta0_ptr, coef_ptr, seed, runs_ptr, n_runs, sear
                    SAVE_BACKUP: tl.constexpr, HAS_NOISE: tl.constexpr, MULTI_RUN: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Random start: theta0 <- theta if SAVE_BACKUP; theta <- theta0 + coef * xi (theta0 if no noise)."""
-    pid = tl.program_id(0).to(tl.int64)
-    g0, sh, lo, hi = _locate_tile(pid, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
-                                  MULTI_RUN, BLOCK)
-    g = g0 + tl.arange(0, BLOCK)
-    mask = (g >= lo) & (g < hi)
-    if (g0 >= lo) & (g0 + BLOCK <= hi):
-        _perturb_tile(theta_ptr, theta0_ptr, coef_ptr, seed, g0, g + sh, mask, SAVE_BACKUP, HAS_NOISE, BLOCK, False)
+    g0, offs, mask, whole = _noise_span(tl.program_id(0).to(tl.int64), runs_ptr, n_runs, search_steps,
+                                        a_start, shift, g_lo, g_hi, MULTI_RUN, BLOCK)
+    if whole:
+        _perturb_tile(theta_ptr, theta0_ptr, coef_ptr, seed, g0, offs, mask, SAVE_BACKUP, HAS_NOISE, BLOCK, False)
     else:
-        _perturb_tile(theta_ptr, theta0_ptr, coef_ptr, seed, g0, g + sh, mask, SAVE_BACKUP, HAS_NOISE, BLOCK, True)
+        _perturb_tile(theta_ptr, theta0_ptr, coef_ptr, seed, g0, offs, mask, SAVE_BACKUP, HAS_NOISE, BLOCK, True)
 
 
 @triton.jit(do_not_specialize=_TILE_COUNTS)
 def fill_noise_kernel(out_ptr, coef_ptr, seed, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
                       MULTI_RUN: tl.constexpr, BLOCK: tl.constexpr):
     """out (fp32) <- coef * xi (HMC's momentum draw)."""
-    pid = tl.program_id(0).to(tl.int64)
-    g0, sh, lo, hi = _locate_tile(pid, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
-                                  MULTI_RUN, BLOCK)
-    g = g0 + tl.arange(0, BLOCK)
+    g0, offs, mask, whole = _noise_span(tl.program_id(0).to(tl.int64), runs_ptr, n_runs, search_steps,
+                                        a_start, shift, g_lo, g_hi, MULTI_RUN, BLOCK)
     xi = _noise_tile(seed, g0, BLOCK)
-    tl.store(out_ptr + g + sh, tl.load(coef_ptr) * xi, mask=(g >= lo) & (g < hi))
+    tl.store(out_ptr + offs, tl.load(coef_ptr) * xi, mask=mask)
 
 
 @triton.jit
@@ -233,16 +238,13 @@ def tilt_accumulate_kernel(acc_ptr, grad_ptr, a_ptr, b_ptr, theta_ptr, theta0_pt
                            FIRST: tl.constexpr, HAS_NOISE: tl.constexpr, MULTI_RUN: tl.constexpr,
                            BLOCK: tl.constexpr):
     """A <- a*A + b*g (b*g when FIRST: A is not read) fused with the next start theta <- theta0 + coef*xi."""
-    pid = tl.program_id(0).to(tl.int64)
-    g0, sh, lo, hi = _locate_tile(pid, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi,
-                                  MULTI_RUN, BLOCK)
-    g = g0 + tl.arange(0, BLOCK)
-    mask = (g >= lo) & (g < hi)
-    if (g0 >= lo) & (g0 + BLOCK <= hi):
-        _tilt_tile(acc_ptr, grad_ptr, a_ptr, b_ptr, theta_ptr, theta0_ptr, coef_ptr, seed, g0, g + sh, mask,
+    g0, offs, mask, whole = _noise_span(tl.program_id(0).to(tl.int64), runs_ptr, n_runs, search_steps,
+                                        a_start, shift, g_lo, g_hi, MULTI_RUN, BLOCK)
+    if whole:
+        _tilt_tile(acc_ptr, grad_ptr, a_ptr, b_ptr, theta_ptr, theta0_ptr, coef_ptr, seed, g0, offs, mask,
                    FIRST, HAS_NOISE, BLOCK, False)
     else:
-        _tilt_tile(acc_ptr, grad_ptr, a_ptr, b_ptr, theta_ptr, theta0_ptr, coef_ptr, seed, g0, g + sh, mask,
+        _tilt_tile(acc_ptr, grad_ptr, a_ptr, b_ptr, theta_ptr, theta0_ptr, coef_ptr, seed, g0, offs, mask,
                    FIRST, HAS_NOISE, BLOCK, True)
 
 
@@ -303,28 +305,22 @@ def finalize_kernel(acc_ptr, grad_ptr, a_ptr, b_ptr, inv_z_ptr, theta_ptr, theta
 
 
 @triton.jit(do_not_specialize=["seed", "n"])
-def philox_words_kernel(out_ptr, counters_ptr, seed, n, BLOCK: tl.constexpr):
-    """out[i, 0..3] = the four Philox4x32-10 words of ``tl.randint4x(seed, counters[i])`` (as int32)."""
+def generator_kernel(out_ptr, counters_ptr, seed, n, NORMALS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i, 0..3] = ``tl.randn4x(seed, counters[i])`` (fp32) if NORMALS, else the four Philox4x32-10
+    words of ``tl.randint4x(seed, counters[i])`` bit-cast to int32."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     c = tl.load(counters_ptr + offs, mask=mask, other=0)
-    w0, w1, w2, w3 = tl.randint4x(seed, c)
-    tl.store(out_ptr + offs * 4, w0.to(tl.int32, bitcast=True), mask=mask)
-    tl.store(out_ptr + offs * 4 + 1, w1.to(tl.int32, bitcast=True), mask=mask)
-    tl.store(out_ptr + offs * 4 + 2, w2.to(tl.int32, bitcast=True), mask=mask)
-    tl.store(out_ptr + offs * 4 + 3, w3.to(tl.int32, bitcast=True), mask=mask)
-
-
-@triton.jit(do_not_specialize=["seed", "n"])
-def randn4x_kernel(out_ptr, counters_ptr, seed, n, BLOCK: tl.constexpr):
-    """out[i, 0..3] = ``tl.randn4x(seed, counters[i])``."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    c = tl.load(counters_ptr + offs, mask=mask, other=0)
-    n1, n2, n3, n4 = tl.randn4x(seed, c)
-    tl.store(out_ptr + offs * 4, n1, mask=mask)
-    tl.store(out_ptr + offs * 4 + 1, n2, mask=mask)
-    tl.store(out_ptr + offs * 4 + 2, n3, mask=mask)
-    tl.store(out_ptr + offs * 4 + 3, n4, mask=mask)
+    if NORMALS:
+        x0, x1, x2, x3 = tl.randn4x(seed, c)
+    else:
+        w0, w1, w2, w3 = tl.randint4x(seed, c)
+        x0 = w0.to(tl.int32, bitcast=True)
+        x1 = w1.to(tl.int32, bitcast=True)
+        x2 = w2.to(tl.int32, bitcast=True)
+        x3 = w3.to(tl.int32, bitcast=True)
+    tl.store(out_ptr + offs * 4, x0, mask=mask)
+    tl.store(out_ptr + offs * 4 + 1, x1, mask=mask)
+    tl.store(out_ptr + offs * 4 + 2, x2, mask=mask)
+    tl.store(out_ptr + offs * 4 + 3, x3, mask=mask)

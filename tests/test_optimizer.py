@@ -123,13 +123,18 @@ def _grads_per_sample(model, closure, s, **kw):
     return opt, log
 
 
-def test_zero_tilt_is_plain_average():
+def one_random_step(**kw):
+    """One step with lr=0 of the ``random`` sampler; returns the parameters' points at every closure call."""
     model = mlp()
     x, y = data()
-    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.0, tilt=0.0, num_samples=4, sampler="random",
-               radius=0.1, backend="reference")
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.0, sampler="random", backend="reference", **kw)
     log = []
     tilted = opt.step(make_closure(model, x, y, log))
+    return model, x, y, opt, log, tilted
+
+
+def test_zero_tilt_is_plain_average():
+    model, x, y, opt, log, tilted = one_random_step(tilt=0.0, num_samples=4, radius=0.1)
     assert_close(opt.last_weights, torch.full((4,), 0.25), rtol=0, atol=1e-7, what="weights at t=0")
     assert_close(tilted, opt.last_losses.mean(), rtol=1e-6, atol=0, what="tilted loss at t=0")
     expected = [torch.zeros_like(p) for p in model.parameters()]
@@ -168,12 +173,7 @@ def test_single_ascent_sample_is_sam():
 
 
 def test_large_tilt_picks_the_max_loss_sample():
-    model = mlp()
-    x, y = data()
-    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.0, tilt=1e4, num_samples=3, sampler="random",
-               radius=0.5, backend="reference")
-    log = []
-    tilted = opt.step(make_closure(model, x, y, log))
+    model, x, y, opt, log, tilted = one_random_step(tilt=1e4, num_samples=3, radius=0.5)
     assert torch.isfinite(opt.last_weights).all() and torch.isfinite(tilted)
     worst = int(opt.last_losses.argmax())
     assert float(opt.last_weights[worst]) > 0.999
