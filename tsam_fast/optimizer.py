@@ -92,9 +92,18 @@ class TSAM(torch.optim.Optimizer):
         hmc_steps, hmc_step_size, hmc_sigma: K leapfrog steps, step size alpha, momentum scale sigma.
         seed: the noise seed; with the step counter it fixes every perturbation (saved in state_dict).
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (see ``tsam_fast.backend_info()``).
-        check_finite: raise :class:`NonFiniteLossError` (and undo the step) when a loss is NaN/inf.
-            This reads one flag on the host at the end of each step; ``False`` makes the step free of
-            host syncs, and non-finite losses then propagate as in any torch optimizer.
+        check_finite: raise :class:`NonFiniteLossError` (and undo the step) when a loss or gradient is
+            NaN/inf. This reads one flag on the host at the end of each step and, unless
+            ``max_grad_norm`` already measures every sample's gradient, sums the final gradient once (one
+            read of it); ``False`` makes the step free of host syncs, and non-finite values then propagate
+            as in any torch optimizer. With ``grad_scaler``, gradient overflow is the scaler's to handle
+            (the step is skipped, not raised); non-finite losses still raise.
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16 mixed precision (see the README's recipe): the
+            closure backpropagates ``scaler.scale(loss)`` and returns the unscaled loss; ``step`` ends with
+            ``scaler.step(base_optimizer)`` (unscale once, skip the update if the tilted gradient has an
+            inf/NaN) and the caller runs ``scaler.update()`` after it. A sample whose gradient overflows
+            makes the step skip with the parameters restored; the ascent and leapfrog steps never move
+            the parameters along an overflowed gradient.
         process_group: data parallelism (spec section 6): each sample's loss is averaged over the ranks
             of this group (one scalar all-reduce per sample, no host sync on NCCL) before it enters the
             tilt, so every rank derives the same weights; the gradients are already averaged by DDP and
@@ -115,6 +124,7 @@ class TSAM(torch.optim.Optimizer):
                  adaptive: bool = False, max_grad_norm: Optional[float] = None, delta: float = 0.0,
                  hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
                  seed: int = 0, backend: str = "auto", check_finite: bool = True,
+                 grad_scaler: Optional["torch.amp.GradScaler"] = None,
                  process_group: Union[str, None, object] = "auto", **base_kwargs):
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError("base_optimizer must be an optimizer class such as torch.optim.SGD "
@@ -136,7 +146,14 @@ class TSAM(torch.optim.Optimizer):
         self.seed = int(seed)
         self.backend = _check_choice("backend", backend, ("auto",) + BACKENDS)
         self.check_finite = bool(check_finite)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (got {type(grad_scaler).__name__})")
+        self.grad_scaler = grad_scaler
         self.process_group = process_group
+        for key, value in base_kwargs.items():  # e.g. lr=nan passes torch's `lr < 0` checks
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"invalid {key}={value!r} for the base optimizer: expected finite numbers")
         defaults = dict(tilt=_check_tilt(tilt), rho=_check_number("rho", rho),
                         radius=_check_number("radius", radius), **base_kwargs)
         self._layout: Optional[FlatLayout] = None
@@ -278,8 +295,8 @@ class TSAM(torch.optim.Optimizer):
     def _tilt_at(self, group) -> float:
         t = group["tilt"]
         if callable(t):
-            t = _check_number("tilt (from the schedule)", t(self._step_count))
-        return t
+            return _check_number("tilt (from the schedule)", t(self._step_count))
+        return _check_number("tilt", t)  # param_groups may have been edited since construction
 
     @torch.no_grad()
     def step(self, closure=None) -> torch.Tensor:
@@ -291,6 +308,9 @@ class TSAM(torch.optim.Optimizer):
             raise RuntimeError("TSAM.step was called from inside its own closure")
         layout = self._ensure_layout()
         if not layout.buckets:
+            if not any(g["params"] for g in self.param_groups):
+                raise ValueError("TSAM has no trainable parameters: its param groups are empty; pass the model's "
+                                 "parameters (e.g. model.parameters()) when constructing it")
             raise ValueError("TSAM has no trainable parameters (all have requires_grad=False)")
         run = _Step(self, layout)
         s, k = self.num_samples, self._step_count
@@ -315,7 +335,9 @@ class TSAM(torch.optim.Optimizer):
                 clip = None
                 if self.max_grad_norm is not None:
                     norm = run.global_sqnorm(lambda be, b: be.sqnorm(b.grad)).sqrt()
-                    run.finite &= torch.isfinite(norm)
+                    run.gradient_checked(torch.isfinite(norm))
+                    if run.scaler is not None:  # the threshold is in unscaled units
+                        norm = norm * run.inv_scale()
                     clip = torch.clamp_max(self.max_grad_norm / (norm + _CLIP_EPS), 1.0)
                 a, b_ = run.tilt.update(loss, clip)
                 if j + 1 < s:
@@ -327,6 +349,11 @@ class TSAM(torch.optim.Optimizer):
                     inv_z = run.tilt.inverse_normalizers()
                     run.each(lambda be, b: be.finalize(
                         b.acc, b.grad, run.of(a, b), run.of(b_, b), run.of(inv_z, b), j == 0, b.param, b.backup))
+            if self.check_finite and run.scaler is None and self.max_grad_norm is None:
+                # NaN/inf in any sample's gradient reaches the weighted sum (0 * inf is NaN too): one sum
+                # of the final gradient catches it (a plain sum: a squared norm would overflow sooner)
+                total = torch.stack([b.grad.sum(dtype=torch.float32).to(run.device) for b in layout.buckets]).sum()
+                run.finite &= torch.isfinite(total)
         except BaseException:
             self._restore(layout, backed_up)
             raise
@@ -335,20 +362,26 @@ class TSAM(torch.optim.Optimizer):
         layout.end_step()
         losses = run.losses
         self.last_losses = losses
-        self.last_weights = torch.softmax(losses * run.tilt.taus[run.group0], dim=0)
+        wide = run.tilt.wide(losses)  # t * L may overflow fp32 for finite L
+        self.last_weights = torch.softmax(wide * run.tilt.taus[run.group0], dim=0).float()
         tilt0 = run.tilts[run.group0]
         if tilt0 > 0:
-            tilted = (torch.logsumexp(losses * tilt0, dim=0) - math.log(s)) / tilt0
+            tilted = ((torch.logsumexp(wide * tilt0, dim=0) - math.log(s)) / tilt0).float()
         else:
             tilted = losses.mean()
         if self.check_finite and not bool(run.finite):  # the step's one host sync; check_finite=False skips it
             for p in layout.params:
                 p.grad = None
             raise NonFiniteLossError(
-                f"a closure call of TSAM step {k} returned a non-finite loss or gradient norm "
+                f"a closure call of TSAM step {k} returned a non-finite loss or gradient "
                 f"(sample losses {losses.tolist()}); the parameters were restored and the optimizer "
-                "state is unchanged. Lower the learning rate, rho or radius, or check the data.")
-        self.base_optimizer.step()
+                "state is unchanged. Lower the learning rate, rho or radius, or check the data "
+                "(check_finite=False lets non-finite values through).")
+        if run.scaler is not None:
+            run.mark_overflow()
+            run.scaler.step(self.base_optimizer)  # unscale_ once; skips the update on inf/NaN
+        else:
+            self.base_optimizer.step()
         self._step_count += 1
         return tilted
 
@@ -359,8 +392,12 @@ class TSAM(torch.optim.Optimizer):
             sq = run.global_sqnorm(lambda be, b: be.sqnorm(b.grad, b.backup))
         else:
             sq = run.global_sqnorm(lambda be, b: be.sqnorm(b.grad))
-        run.finite &= torch.isfinite(sq)
-        inv = 1.0 / (sq.sqrt() + _NORM_EPS)
+        ok = torch.isfinite(sq)
+        run.gradient_checked(ok)
+        inv = 1.0 / (sq.sqrt() + _NORM_EPS)  # scale-free: a GradScaler's factor cancels
+        if run.scaler is not None:  # an overflowed gradient gives no direction: stay at the random start
+            inv = torch.where(ok, inv, 0.0)
+            run.sanitize_grads()
         kicks = [group["rho"] * inv for group in self.param_groups]
         one = run.scalar(1.0)
         run.each(lambda be, b: be.leapfrog(b.param, b.grad, run.of(kicks, b), one.to(b.device),
@@ -374,6 +411,12 @@ class TSAM(torch.optim.Optimizer):
         for step in range(self.hmc_steps):
             run.evaluate(closure)
             kick = run.scalar(self.hmc_step_size * (0.5 if step == 0 else 1.0))
+            if run.scaler is not None:  # the kick uses the gradient's magnitude: unscale it
+                ok = torch.isfinite(torch.stack([b.grad.sum(dtype=torch.float32).to(run.device)
+                                                 for b in run.buckets]).sum())
+                run.gradient_checked(ok)
+                kick = torch.where(ok, kick * run.inv_scale(), 0.0)
+                run.sanitize_grads()
             run.each(lambda be, b: be.leapfrog(b.param, b.grad, kick.to(b.device), alpha.to(b.device),
                                                momentum=b.momentum))
 
@@ -408,14 +451,20 @@ class _TiltState:
     A <- a A + e c g (c: the optional clip factor). Everything stays on the device.
     """
 
-    def __init__(self, taus: List[float]):
+    def __init__(self, taus: List[float], device: torch.device):
         self.taus = taus  # per param group
         self.m: Dict[float, torch.Tensor] = {}
         self.z: Dict[float, torch.Tensor] = {}
+        # tau * L in fp64 where the device has it: a finite fp32 loss times a large tilt may overflow fp32
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+
+    def wide(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
 
     def update(self, loss: torch.Tensor, clip: Optional[torch.Tensor]):
-        """Fold in one sample's loss; returns the per-group (a, b) of ``A <- a A + b g``."""
+        """Fold in one sample's loss; returns the per-group fp32 (a, b) of ``A <- a A + b g``."""
         a_of, b_of = {}, {}
+        loss = self.wide(loss)
         for tau in set(self.taus):
             x = loss * tau
             if tau not in self.m:  # first sample: A is overwritten, a is unused
@@ -425,11 +474,13 @@ class _TiltState:
                 m_new = torch.maximum(self.m[tau], x)
                 a_of[tau], e = torch.exp(self.m[tau] - m_new), torch.exp(x - m_new)
                 self.m[tau], self.z[tau] = m_new, self.z[tau] * a_of[tau] + e
+            e = e.float()  # a, e in [0, 1]: exact enough in fp32, as the kernels take them
+            a_of[tau] = a_of[tau].float()
             b_of[tau] = e if clip is None else e * clip
         return [a_of[t] for t in self.taus], [b_of[t] for t in self.taus]
 
     def inverse_normalizers(self) -> List[torch.Tensor]:
-        return [1.0 / self.z[t] for t in self.taus]
+        return [(1.0 / self.z[t]).float() for t in self.taus]
 
 
 class _Step:
@@ -442,11 +493,45 @@ class _Step:
         self.device = self.buckets[0].device  # where the step's scalars live
         self.k = opt._step_count
         self.group0 = self.buckets[0].group_index
+        for i, group in enumerate(opt.param_groups):  # values a scheduler or user may have written since
+            for key in ("rho", "radius"):
+                _check_number(f"param_groups[{i}] {key}", group[key])
         self.tilts = [opt._tilt_at(group) for group in opt.param_groups]
-        self.tilt = _TiltState([t - opt.delta for t in self.tilts])
+        self.tilt = _TiltState([t - opt.delta for t in self.tilts], self.device)
         self.losses = torch.empty(opt.num_samples, dtype=torch.float32, device=self.device)
         self.group, self.world = _loss_group(opt.process_group)
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+        scaler = opt.grad_scaler
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.overflow = torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def gradient_checked(self, ok: torch.Tensor) -> None:
+        """Record a gradient finiteness test: an error without a GradScaler, the scaler's skip with one."""
+        if self.scaler is None:
+            self.finite &= ok
+        else:
+            self.overflow |= ~ok
+
+    def inv_scale(self) -> torch.Tensor:
+        """1 / the GradScaler's current scale, on the step's device (set once the closure has scaled a loss)."""
+        scale = self.scaler._get_scale_async()
+        if scale is None:
+            raise RuntimeError("grad_scaler was given but the closure never called scaler.scale(loss): "
+                               "backpropagate scaler.scale(loss) and return the unscaled loss")
+        return 1.0 / scale.to(self.device, torch.float32)
+
+    def sanitize_grads(self) -> None:
+        """Overflowed gradient entries to 0 before they move the parameters (GradScaler mode only)."""
+        for b in self.buckets:
+            b.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+    def mark_overflow(self) -> None:
+        """Make an overflow seen at an ascent/leapfrog gradient visible to the scaler's inf check: a NaN
+        in one element of the final gradient when (and only when) it happened. No host sync."""
+        b = next((b for b in self.buckets if b.grad.numel()), None)
+        if b is not None:
+            flag = self.overflow.to(b.device, non_blocking=True)
+            b.grad[:1].add_(torch.where(flag, float("nan"), 0.0).to(b.grad.dtype))
 
     def each(self, op) -> None:
         for b in self.buckets:
@@ -506,8 +591,12 @@ class _Step:
         if not loss.is_floating_point():
             raise TypeError(f"the closure returned a {loss.dtype} loss; return the floating-point loss tensor")
         if not layout.end_call():
-            raise RuntimeError("no parameter received a gradient during the closure: it must call "
-                               "loss.backward() (TSAM zeroes gradients before each call itself)")
+            raise RuntimeError(
+                "no parameter received a gradient during the closure: it must call loss.backward() (TSAM "
+                "zeroes gradients before each call itself), on a loss computed from the parameters TSAM was "
+                "given. If the model's parameters were replaced after TSAM was constructed "
+                "(load_state_dict(..., assign=True), module.to(...) onto another device, re-created layers), "
+                "construct TSAM again on model.parameters().")
         loss = loss.detach().reshape(()).to(device=self.device, dtype=torch.float32, non_blocking=True)
         self.finite &= torch.isfinite(loss)
         return loss

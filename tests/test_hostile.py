@@ -1,0 +1,586 @@
+"""Hostile use: one table of misuses, each of which must fail with an error naming the cause and the fix
+and leave everything as it was (parameters bit-exact, gradients, ``state_dict()``, ``step_count``), and
+one table of awkward-but-legal uses that must simply work.
+
+Not repeated here (already covered elsewhere):
+
+* a closure raising, or returning NaN/inf, at *every* closure-call position of every sampler:
+  ``test_errors.py::test_failing_closure_undoes_the_step`` (reference backend; the rows below add the
+  default backend and the full state comparison);
+* constructor arguments out of range (``tilt=nan``, ``rho=nan``, ``num_samples=0``, ``radius=-1``, ...):
+  ``test_errors.py::BAD_ARGS``; the rows below cover what those miss (base-optimizer options, values
+  set in ``param_groups`` after construction, schedules);
+* frozen/tied/unused parameters, repacking: ``test_flat.py``.
+
+The rows use ``backend="auto"`` (the C++ backend where it is built), unlike most of the suite.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import pytest
+import torch
+from torch import nn
+
+from tsam_fast import TSAM, NonFiniteLossError
+
+from conftest import assert_close
+from naive import NaiveTSAM
+
+X = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is faster, and far faster when other work shares the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _clean(model, x=X):
+    def closure():
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+    return closure
+
+
+def _trained(base=torch.optim.SGD, warm=True, **kw):
+    """A small MLP and its TSAM (2 samples: 4 closure calls for ``ascent``), after one step so that the
+    base optimizer has state (momentum buffers / Adam moments) that a failure must not touch."""
+    model = _mlp()
+    base_kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3) if base is torch.optim.SGD else dict(lr=1e-2)
+    opt = TSAM(model.parameters(), base, **{**dict(num_samples=2, radius=0.1), **base_kw, **kw})
+    if warm:
+        opt.step(_clean(model))
+    return model, opt
+
+
+def _faulty(model, position, fault):
+    """A closure that misbehaves at closure call ``position`` of a step (0-based) and is clean otherwise."""
+    calls = []
+
+    def closure():
+        calls.append(None)
+        hit = len(calls) - 1 == position
+        loss = model(X).square().mean()
+        if hit and fault == "nan-loss":
+            loss = loss * float("nan")
+        elif hit and fault == "inf-loss":
+            loss = loss * float("inf")
+        elif hit and fault == "sqrt0":  # d/dw sqrt(0 * w) = 0 * inf = NaN: a finite loss with a NaN gradient
+            loss = loss + torch.sqrt(model[0].weight[0, 0] * 0.0)
+        if not (hit and fault == "no-backward"):
+            loss.backward()
+        if hit and fault == "inf-grad":  # the closure scribbles on a gradient after backward
+            model[0].weight.grad[0, 0] = float("inf")
+        return loss
+    return closure
+
+
+# -- the hostile table ---------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """What a row built: the failing call, and what must be unchanged after it."""
+    act: Callable[[], object]
+    model: Optional[nn.Module] = None
+    opt: Optional[TSAM] = None
+    others: List[torch.Tensor] = field(default_factory=list)  # further tensors whose values must not move
+    in_step: bool = True  # the failing call is a step: it may clear the gradients (it leaves none behind)
+    recover: Optional[Callable[[], object]] = None  # a clean closure: after the failure the optimizer still trains
+
+
+def _bits(t: torch.Tensor):
+    t = t.detach()
+    if t.device.type == "meta":
+        return (t.dtype, tuple(t.shape), "meta", None)
+    return (t.dtype, tuple(t.shape), t.device.type, t.cpu().contiguous().reshape(-1).view(torch.uint8).clone())
+
+
+def _same_bits(a, b) -> bool:
+    return a[:3] == b[:3] and (a[3] is None or torch.equal(a[3], b[3]))
+
+
+def _assert_same(a, b, path="state_dict"):
+    """Deep equality of nested state: tensors bit-exact, floats equal (NaN == NaN)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and _same_bits(_bits(a), _bits(b)), f"{path} changed"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{path} changed: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        assert math.isnan(b), f"{path} changed: {a!r} != {b!r}"
+    else:
+        assert a == b, f"{path} changed: {a!r} != {b!r}"
+
+
+def _tracked(case: Case) -> List[torch.Tensor]:
+    out, seen = [], set()
+    pools = [case.model.parameters() if case.model is not None else (), case.others,
+             (p for g in case.opt.param_groups for p in g["params"]) if case.opt is not None else ()]
+    for pool in pools:
+        for t in pool:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+def _snapshot(case: Case):
+    tensors = _tracked(case)
+    opt_ids = {id(p) for g in case.opt.param_groups for p in g["params"]} if case.opt is not None else set()
+    snap = dict(values=[(t, _bits(t)) for t in tensors],
+                grads=[(t, None if t.grad is None else _bits(t.grad)) for t in tensors if id(t) in opt_ids])
+    if case.opt is not None:
+        snap["state_dict"] = copy.deepcopy(case.opt.state_dict())
+        snap["step_count"] = case.opt.step_count
+    return snap
+
+
+def _assert_unchanged(case: Case, snap):
+    for i, (t, before) in enumerate(snap["values"]):
+        assert _same_bits(_bits(t), before), f"tensor {i} ({tuple(t.shape)}) changed"
+    for i, (t, before) in enumerate(snap["grads"]):
+        if t.grad is None and case.in_step:
+            continue  # a failed step leaves no gradients behind
+        assert (t.grad is None) == (before is None), f"gradient {i}: presence changed"
+        if before is not None:
+            assert _same_bits(_bits(t.grad), before), f"gradient {i} changed"
+    if case.opt is not None:
+        assert case.opt.step_count == snap["step_count"], "step_count changed"
+        _assert_same(case.opt.state_dict(), snap["state_dict"])
+        assert case.opt.closure_index is None
+
+
+# Rows. Each builder sets the scene (the misuse itself included where it is not the failing call) and
+# returns the Case whose ``act`` is the call that must fail.
+
+def row_pdata_reassigned():
+    model, opt = _trained()
+    model[0].weight.data = model[0].weight.data.clone()  # a fresh tensor: no longer TSAM's flat buffer
+    return Case(lambda: opt.step(_clean(model)), model, opt)
+
+
+def row_cast_to_double():
+    model, opt = _trained()
+    model.double()
+    return Case(lambda: opt.step(_clean(model, X.double())), model, opt)
+
+
+def row_load_state_dict_assign():
+    model, opt = _trained()
+    old = list(model.parameters())
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # new Parameters
+    return Case(lambda: opt.step(_clean(model)), model, opt, others=old)
+
+
+def row_load_state_dict_assign_before_first_step():
+    model, opt = _trained(warm=False)
+    old = list(model.parameters())
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    return Case(lambda: opt.step(_clean(model)), model, opt, others=old)
+
+
+def row_moved_to_meta():
+    """``model.to(other device)`` after a step. Without a GPU the other device is ``meta``: ``Module._apply``
+    then replaces the Parameter objects (as for cpu -> cuda when the tensor types are incompatible)."""
+    model, opt = _trained()
+    old = list(model.parameters())
+    model.to("meta")
+    return Case(lambda: opt.step(_clean(model, X.to("meta"))), model, opt, others=old)
+
+
+def row_same_param_two_groups():
+    model = _mlp()
+    w = model[0].weight
+    return Case(lambda: TSAM([{"params": [w]}, {"params": [w, model[0].bias]}], torch.optim.SGD, lr=0.1), model,
+                in_step=False)
+
+
+def _closure_row(fault, position, **kw):
+    def build():
+        model, opt = _trained(**kw)
+        return Case(lambda: opt.step(_faulty(model, position, fault)), model, opt, recover=_clean(model))
+    return build
+
+
+def _returns_row(make_loss):
+    def build():
+        model, opt = _trained()
+
+        def closure():
+            loss = model(X).square()
+            return make_loss(loss)
+        return Case(lambda: opt.step(closure), model, opt, recover=_clean(model))
+    return build
+
+
+def row_sparse_gradients():
+    torch.manual_seed(0)
+    model = nn.Embedding(10, 3, sparse=True)
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, num_samples=2)
+    tok = torch.tensor([1, 2, 2])
+    return Case(lambda: opt.step(lambda: (l := model(tok).square().sum()).backward() or l), model, opt)
+
+
+def row_complex_parameter():
+    model = _mlp()
+    c = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = TSAM(list(model.parameters()) + [c], torch.optim.SGD, lr=0.1, num_samples=2)
+    return Case(lambda: opt.step(lambda: (l := model(X).square().mean() + c.abs().sum()).backward() or l), model,
+                opt, others=[c])
+
+
+def row_only_empty_group():
+    model = _mlp()
+    opt = TSAM([{"params": []}], torch.optim.SGD, lr=0.1)
+    return Case(lambda: opt.step(_clean(model)), model, opt)
+
+
+def _ctor_row(**kw):
+    def build():
+        model = _mlp()
+        return Case(lambda: TSAM(model.parameters(), torch.optim.SGD, **{"lr": 0.1, **kw}), model, in_step=False)
+    return build
+
+
+def _group_value_row(key, value):
+    """A hyperparameter written into ``param_groups`` after construction, as a scheduler would."""
+    def build():
+        model, opt = _trained()
+        opt.param_groups[0][key] = value
+        # the row's own write is not the failure under test: compare against the state as written
+        return Case(lambda: opt.step(_clean(model)), model, opt)
+    return build
+
+
+def row_tilt_schedule_nan():
+    model, opt = _trained(tilt=lambda step: float("nan") if step >= 1 else 1.0)
+    return Case(lambda: opt.step(_clean(model)), model, opt, recover=None)
+
+
+def row_add_group_rho_nan():
+    model, opt = _trained()
+    extra = nn.Parameter(torch.randn(3))
+    return Case(lambda: opt.add_param_group({"params": [extra], "rho": float("nan")}), model, opt, others=[extra],
+                in_step=False)
+
+
+def _load_row(make_source):
+    """Load a state_dict built by ``make_source()`` into a trained Adam TSAM over the MLP."""
+    def build():
+        model, opt = _trained(base=torch.optim.Adam)
+        sd = make_source()
+        return Case(lambda: opt.load_state_dict(sd), model, opt, in_step=False)
+    return build
+
+
+def _adam_state_of(module_fn, groups_fn=None):
+    def make():
+        torch.manual_seed(1)
+        m = module_fn()
+        params = groups_fn(m) if groups_fn else m.parameters()
+        o = TSAM(params, torch.optim.Adam, lr=1e-2, num_samples=2)
+        o.step(lambda: (l := m(X).square().mean()).backward() or l)
+        buf = io.BytesIO()
+        torch.save(o.state_dict(), buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=True)
+    return make
+
+
+class _MLPPlus(nn.Module):
+    """The MLP's four parameter shapes, in the same order, then two more."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.c(self.b(torch.tanh(self.a(x))))
+
+
+def _plain_sgd_state():
+    m = _mlp()
+    return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9).state_dict()
+
+
+
+_NONFINITE = r"(?s)non-finite loss.*restored.*Lower the learning rate"
+_NONFINITE_GRAD = r"(?s)non-finite (loss or )?gradient.*restored.*(Lower|check)"
+_REPLACED = r"(?s)(assign=True|replaced|no longer).*(construct|build|re-?create)"
+
+HOSTILE = [
+    # parameters replaced or moved under the optimizer
+    pytest.param(row_pdata_reassigned, RuntimeError,
+                 r"(?s)no longer views TSAM's flat buffer.*assigning p\.data.*then construct TSAM",
+                 id="pdata-reassigned"),
+    pytest.param(row_cast_to_double, RuntimeError,
+                 r"(?s)now torch\.float64 on cpu, was torch\.float32.*then construct TSAM", id="cast-to-double"),
+    pytest.param(row_load_state_dict_assign, RuntimeError, _REPLACED, id="load_state_dict-assign"),
+    pytest.param(row_load_state_dict_assign_before_first_step, RuntimeError, _REPLACED,
+                 id="load_state_dict-assign-before-first-step"),
+    pytest.param(row_moved_to_meta, RuntimeError, _REPLACED, id="moved-to-other-device"),
+    pytest.param(row_same_param_two_groups, ValueError, r"more than one parameter group", id="same-param-two-groups"),
+    # the closure's loss
+    pytest.param(_closure_row("nan-loss", 1), NonFiniteLossError, _NONFINITE, id="nan-loss"),
+    pytest.param(_closure_row("inf-loss", 3), NonFiniteLossError, _NONFINITE, id="inf-loss"),
+    pytest.param(_returns_row(lambda l: (l.sum().backward(), l)[1]), ValueError,
+                 r"(?s)scalar loss, got shape \(6, 3\).*\.mean\(\)", id="non-scalar-loss"),
+    pytest.param(_returns_row(lambda l: (l.mean().backward(), torch.tensor(3))[1]), TypeError,
+                 r"torch\.int64 loss; return the floating-point loss tensor", id="integer-loss"),
+    pytest.param(_returns_row(lambda l: l.mean().backward()), ValueError,
+                 r"returned None: it must return the loss", id="closure-returns-None"),
+    pytest.param(_returns_row(lambda l: l.mean()), RuntimeError,
+                 r"(?s)no parameter received a gradient.*must call\s+loss\.backward\(\)", id="never-calls-backward"),
+    pytest.param(_closure_row("no-backward", 2), RuntimeError,
+                 r"(?s)no parameter received a gradient.*must call\s+loss\.backward\(\)", id="skips-backward-once"),
+    # finite loss, non-finite gradient (check_finite=True is the default)
+    pytest.param(_closure_row("sqrt0", 0), NonFiniteLossError, _NONFINITE_GRAD, id="nan-grad-ascent-call"),
+    pytest.param(_closure_row("sqrt0", 1), NonFiniteLossError, _NONFINITE_GRAD, id="nan-grad-sample-call"),
+    pytest.param(_closure_row("inf-grad", 3), NonFiniteLossError, _NONFINITE_GRAD, id="inf-grad-sample-call"),
+    pytest.param(_closure_row("sqrt0", 1, sampler="random"), NonFiniteLossError, _NONFINITE_GRAD,
+                 id="nan-grad-random-sampler"),
+    pytest.param(_closure_row("sqrt0", 1, sampler="hmc"), NonFiniteLossError, _NONFINITE_GRAD,
+                 id="nan-grad-hmc-sample-call"),
+    pytest.param(_closure_row("sqrt0", 1, max_grad_norm=10.0), NonFiniteLossError, _NONFINITE_GRAD,
+                 id="nan-grad-sample-call-clipped"),
+    # unsupported parameters and gradients
+    pytest.param(row_sparse_gradients, RuntimeError, r"(?s)sparse gradients.*sparse_coo.*sparse=False",
+                 id="sparse-gradients"),
+    pytest.param(row_complex_parameter, ValueError, r"(?s)complex parameters.*view_as_real", id="complex-parameter"),
+    pytest.param(row_only_empty_group, ValueError, r"(?s)no trainable parameters.*empty", id="only-an-empty-group"),
+    # hyperparameters the constructor checks do not reach
+    pytest.param(_ctor_row(lr=float("nan")), ValueError, r"(?s)lr=nan.*finite", id="lr-nan"),
+    pytest.param(_ctor_row(weight_decay=float("nan")), ValueError, r"(?s)weight_decay=nan.*finite",
+                 id="weight_decay-nan"),
+    pytest.param(_ctor_row(max_grad_norm=float("nan")), ValueError, r"max_grad_norm=nan: expected a finite number > 0",
+                 id="max_grad_norm-nan"),
+    pytest.param(_ctor_row(noise_scale=float("inf")), ValueError, r"noise_scale=inf: expected a finite number >= 0",
+                 id="noise_scale-inf"),
+    pytest.param(_ctor_row(hmc_sigma=float("nan"), sampler="hmc"), ValueError,
+                 r"hmc_sigma=nan: expected a finite number >= 0", id="hmc_sigma-nan"),
+    pytest.param(row_tilt_schedule_nan, ValueError, r"tilt \(from the schedule\)=nan: expected a finite number >= 0",
+                 id="tilt-schedule-nan"),
+    pytest.param(row_add_group_rho_nan, ValueError, r"rho=nan: expected a finite number >= 0", id="add-group-rho-nan"),
+    pytest.param(_group_value_row("tilt", float("nan")), ValueError, r"tilt=nan.*expected a finite number",
+                 id="group-tilt-nan"),
+    pytest.param(_group_value_row("tilt", -1.0), ValueError, r"tilt=-1.0.*>= 0", id="group-tilt-negative"),
+    pytest.param(_group_value_row("rho", float("nan")), ValueError, r"rho=nan.*expected a finite number",
+                 id="group-rho-nan"),
+    pytest.param(_group_value_row("radius", -1.0), ValueError, r"radius=-1.0.*>= 0", id="group-radius-negative"),
+    # state_dicts that do not fit
+    pytest.param(_load_row(_adam_state_of(lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))),
+                 ValueError, r"(?s)parameter 0 has shape \(8, 4\) but its saved 'exp_avg' has shape \(5, 4\).*"
+                 r"same model", id="state_dict-other-shapes"),
+    pytest.param(_load_row(_adam_state_of(_MLPPlus)), ValueError,
+                 r"doesn't match the size of optimizer's group", id="state_dict-more-parameters"),
+    pytest.param(_load_row(_adam_state_of(_mlp, lambda m: [{"params": m[0].parameters()},
+                                                            {"params": m[2].parameters()}])),
+                 ValueError, r"different number of parameter groups", id="state_dict-other-groups"),
+    pytest.param(_load_row(_plain_sgd_state), ValueError,
+                 r"not a TSAM state_dict.*opt\.base_optimizer\.load_state_dict", id="state_dict-plain-torch"),
+]
+
+
+@pytest.mark.parametrize("build,exc,match", HOSTILE)
+def test_hostile(build, exc, match):
+    case = build()
+    snap = _snapshot(case)
+    with pytest.raises(exc, match=match):
+        case.act()
+    _assert_unchanged(case, snap)
+    if case.recover is not None:  # the optimizer is not left broken: a clean step trains
+        count = case.opt.step_count
+        loss = case.opt.step(case.recover)
+        assert math.isfinite(float(loss)) and case.opt.step_count == count + 1
+        assert all(torch.isfinite(p).all() for p in case.model.parameters())
+
+
+# -- the works table -----------------------------------------------------------------------------
+
+
+def _train_pair(make_model, closure_of, steps=3, params_of=None, **kw):
+    """The same training under TSAM (default backend) and NaiveTSAM; returns both models."""
+    models = []
+    for impl in ("tsam", "naive"):
+        model = make_model()
+        params = params_of(model) if params_of else model.parameters()
+        cls = TSAM if impl == "tsam" else NaiveTSAM
+        opt = cls(params, torch.optim.SGD, **{**dict(lr=0.1, momentum=0.9, weight_decay=1e-3, radius=0.05,
+                                                      tilt=2.0), **kw})
+        for _ in range(steps):
+            opt.step(closure_of(model))
+        models.append((model, opt))
+    for p, q in zip(models[0][0].parameters(), models[1][0].parameters()):
+        assert_close(p, q, rtol=1e-5, atol=1e-6, what="tsam vs naive")
+    return models
+
+
+class _ZeroSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 3)
+        self.empty = nn.Parameter(torch.randn(0, 3))
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(self.lin(x) + self.empty.sum(0))
+
+
+def works_zero_size_parameter():
+    (model, _), _ = _train_pair(_ZeroSize, lambda m: _clean(m))
+    assert model.empty.shape == (0, 3)
+    only = nn.Parameter(torch.randn(0, 5))  # an optimizer over nothing but a zero-size parameter
+    opt = TSAM([only], torch.optim.SGD, lr=0.1, start="sphere")
+    assert float(opt.step(lambda: (l := only.sum() + 1.0).backward() or l)) == 1.0
+
+
+class _OddLayouts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv.weight.data = self.conv.weight.data.to(memory_format=torch.channels_last)
+        self.t = nn.Parameter(torch.randn(4, 4).t())  # transposed: dense, non-contiguous
+        self.s = nn.Parameter(torch.randn(4, 8)[:, ::2])  # a strided slice: not dense
+
+    def forward(self, img):
+        return (self.conv(img).mean(dim=(2, 3)) @ self.t @ self.s).square().mean()
+
+
+def works_odd_memory_layouts():
+    img = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    ref = _OddLayouts()
+    assert ref.s.stride() == (8, 2) and not ref.s.is_contiguous()
+    (model, opt), _ = _train_pair(_OddLayouts, lambda m: (lambda: (l := m(img)).backward() or l))
+    # dense layouts keep their strides (flat.py's promise); a non-dense one is packed contiguously
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    assert model.t.stride() == (1, 4) and model.t.grad.stride() == (1, 4)
+    assert model.s.stride() == (4, 1) and model.s.is_contiguous()
+    (bucket,) = opt._layout.buckets
+    for p in model.parameters():
+        assert p.untyped_storage().data_ptr() == bucket.param.untyped_storage().data_ptr()
+
+
+def works_deepcopy_snapshot_and_restore():
+    model, opt = _trained()
+    snap_model, snap_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt)
+    assert snap_opt.step_count == 1 and opt._layout is not None  # the original keeps its layout
+    for _ in range(2):
+        opt.step(_clean(model))
+    after = [p.detach().clone() for p in model.parameters()]
+    model.load_state_dict(snap_model)  # in place: the parameters still view the flat buffer
+    opt.load_state_dict(snap_opt.state_dict())
+    for _ in range(2):
+        opt.step(_clean(model))
+    for p, q in zip(model.parameters(), after):
+        assert torch.equal(p, q)
+
+
+def works_weights_only_resume():
+    model, opt = _trained(base=torch.optim.Adam, tilt=3.0, seed=5)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    for _ in range(2):
+        opt.step(_clean(model))
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = _mlp()
+    model2.load_state_dict(ckpt["model"])
+    opt2 = TSAM(model2.parameters(), torch.optim.Adam, lr=1e-2, num_samples=2, radius=0.1, tilt=3.0, seed=0)
+    opt2.load_state_dict(ckpt["opt"])
+    for _ in range(2):
+        opt2.step(_clean(model2))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def works_pdata_reassigned_before_first_step():
+    """Before the first step nothing is packed yet: new data is simply what gets trained."""
+    model, opt = _trained(warm=False)
+    model[0].weight.data = torch.zeros(8, 4)
+    opt.step(_clean(model))
+    assert model[0].weight.abs().max() < 0.1 and model[0].weight.abs().max() > 0
+
+
+def works_empty_group_alongside():
+    runs = []
+    for extra in (False, True):
+        model = _mlp()
+        groups = [{"params": list(model.parameters())}] + ([{"params": []}] if extra else [])
+        opt = TSAM(groups, torch.optim.SGD, lr=0.1, momentum=0.9, num_samples=2, radius=0.1)
+        opt.step(_clean(model))
+        if extra:
+            opt.add_param_group({"params": [], "rho": 0.5})
+        opt.step(_clean(model))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+def works_layer_added_after_construction():
+    """A layer added to the model but not to the optimizer is not optimized (no error): as with any torch
+    optimizer. Its .grad accumulates over every closure call, since neither TSAM nor the closure zeroes it."""
+    model, opt = _trained()
+    model.append(nn.Linear(3, 3))
+    new = [p.detach().clone() for p in model[3].parameters()]
+    old = [p.detach().clone() for p in model[:3].parameters()]
+    for _ in range(2):
+        assert math.isfinite(float(opt.step(_clean(model))))
+    for p, q in zip(model[3].parameters(), new):
+        assert torch.equal(p, q) and p.grad is not None
+    for p, q in zip(model[:3].parameters(), old):
+        assert not torch.equal(p, q)
+    assert opt.step_count == 3
+
+
+def works_huge_finite_losses():
+    """README: 'weights never overflow, underflow to zero or turn NaN for finite losses'. Finite losses
+    ~1e37 with tilt 100: tilt * loss exceeds the fp32 range, the weights must still be softmax(t L)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=1e-40, tilt=100.0, sampler="random", num_samples=2,
+               radius=0.1)
+    opt.step(lambda: (l := model(X).square().mean() * 1e37 + 1e37).backward() or l)
+    assert torch.isfinite(opt.last_losses).all()
+    assert torch.isfinite(opt.last_weights).all(), f"weights {opt.last_weights.tolist()}"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+WORKS = [
+    works_zero_size_parameter,
+    works_odd_memory_layouts,
+    works_deepcopy_snapshot_and_restore,
+    works_weights_only_resume,
+    works_pdata_reassigned_before_first_step,
+    works_empty_group_alongside,
+    works_layer_added_after_construction,
+    works_huge_finite_losses,
+]
+
+
+@pytest.mark.parametrize("fn", WORKS, ids=lambda f: getattr(f, "__name__", str(f)).replace("works_", ""))
+def test_works(fn):
+    fn()
