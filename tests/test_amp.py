@@ -58,3 +58,96 @@ def test_autocast_fused_matches_reference(device, dtype):
 def test_autocast_trains(device, dtype):
     losses, _ = _train_autocast(device, dtype, "auto", 30)
     assert losses[-1] < 0.6 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+# -- fp16 recipe: torch.amp.GradScaler ------------------------------------------------------------
+
+SCALER_CASES = {
+    "ascent": dict(sampler="ascent", num_samples=3),
+    "ascent-clip": dict(sampler="ascent", num_samples=2, max_grad_norm=0.5),
+    "random": dict(sampler="random", num_samples=3),
+    "hmc": dict(sampler="hmc", num_samples=2, hmc_steps=2),
+}
+CALLS = {"ascent": 6, "ascent-clip": 4, "random": 3, "hmc": 6}
+SCALER_DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+INIT_SCALE = 2.0 ** 12  # a power of two: scaling and unscaling are exact
+
+
+def _scaled_training(device, case, steps, use_scaler=True, inject=None):
+    """TSAM with the README's GradScaler recipe; ``inject=(step, call)`` writes an inf into one scaled
+    gradient at that closure call. Returns the model, optimizer, scaler and per-step snapshots."""
+    model, x, y = _task(device)
+    scaler = torch.amp.GradScaler(device, init_scale=INIT_SCALE, growth_interval=10**6) if use_scaler else None
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.2, momentum=0.9, seed=11, tilt=2.0, rho=0.05,
+               radius=0.02, grad_scaler=scaler, **SCALER_CASES[case])
+    step = 0
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if inject == (step, opt.closure_index):
+            model[2].weight.grad[3, 7] = float("inf")
+        return loss  # unscaled: the tilt weights use the true losses
+
+    snaps = []
+    for step in range(steps):
+        before = dict(params=[p.detach().clone() for p in model.parameters()],
+                      state={k: v.clone() for k, v in _momenta(opt).items()},
+                      scale=scaler.get_scale() if scaler else None)
+        opt.step(closure)
+        if scaler:
+            scaler.update()
+        snaps.append(before)
+    return model, opt, scaler, snaps
+
+
+def _momenta(opt):
+    return {i: opt.state[p]["momentum_buffer"] for i, p in enumerate(opt.param_groups[0]["params"])
+            if "momentum_buffer" in opt.state.get(p, {})}
+
+
+@pytest.mark.parametrize("device", SCALER_DEVICES)
+@pytest.mark.parametrize("case", list(SCALER_CASES))
+def test_grad_scaler_matches_unscaled_training(device, case):
+    """Without overflow the scaled recipe follows the unscaled trajectory: the ascent direction is
+    normalised, HMC kicks and the clip threshold are unscaled, and the scaler unscales the final gradient."""
+    got, *_ = _scaled_training(device, case, 4)
+    want, *_ = _scaled_training(device, case, 4, use_scaler=False)
+    for a, b in zip(got.parameters(), want.parameters()):
+        assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6, what=f"{case} parameters")
+
+
+@pytest.mark.parametrize("device", SCALER_DEVICES)
+@pytest.mark.parametrize("case,call", [(c, k) for c in SCALER_CASES for k in range(CALLS[c])])
+def test_grad_scaler_overflow_skips_the_step(device, case, call):
+    """An inf in the gradient of any closure call: no error, the parameters and the base optimizer's
+    state stay as they were, the scale is backed off, and the next step trains normally."""
+    model, opt, scaler, snaps = _scaled_training(device, case, 3, inject=(1, call))
+    skipped_from, after_skip = snaps[1], snaps[2]
+    for a, b in zip(skipped_from["params"], after_skip["params"]):
+        assert torch.equal(a, b), "a skipped step moved the parameters"
+    assert skipped_from["state"].keys() == after_skip["state"].keys()
+    for k in skipped_from["state"]:
+        assert torch.equal(skipped_from["state"][k], after_skip["state"][k]), "a skipped step changed momentum"
+    assert after_skip["scale"] == skipped_from["scale"] * 0.5, "the scale was not backed off"
+    assert scaler.get_scale() == after_skip["scale"]
+    assert any(not torch.equal(a, p) for a, p in zip(after_skip["params"], model.parameters())), \
+        "the step after the skip did not train"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.step_count == 3  # TSAM counts attempts: the retry draws fresh noise
+
+
+def test_grad_scaler_must_be_a_grad_scaler():
+    model, _, _ = _task("cpu")
+    with pytest.raises(TypeError, match="torch.amp.GradScaler"):
+        TSAM(model.parameters(), torch.optim.SGD, lr=0.1, grad_scaler=object())
+
+
+def test_grad_scaler_closure_must_scale():
+    model, x, y = _task("cpu")
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, sampler="hmc", num_samples=1,
+               grad_scaler=torch.amp.GradScaler("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"never called scaler\.scale\(loss\)"):
+        opt.step(lambda: (l := nn.functional.cross_entropy(model(x), y)).backward() or l)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -102,6 +102,7 @@ class Case:
     others: List[torch.Tensor] = field(default_factory=list)  # further tensors whose values must not move
     in_step: bool = True  # the failing call is a step: it may clear the gradients (it leaves none behind)
     recover: Optional[Callable[[], object]] = None  # a clean closure: after the failure the optimizer still trains
+    cleanup: Optional[Callable[[], object]] = None  # undoes what the row set up (e.g. a process group)
 
 
 def _bits(t: torch.Tensor):
@@ -245,9 +246,33 @@ def row_sparse_gradients():
 def row_complex_parameter():
     model = _mlp()
     c = nn.Parameter(torch.randn(3, dtype=torch.complex64))
-    opt = TSAM(list(model.parameters()) + [c], torch.optim.SGD, lr=0.1, num_samples=2)
-    return Case(lambda: opt.step(lambda: (l := model(X).square().mean() + c.abs().sum()).backward() or l), model,
-                opt, others=[c])
+    return Case(lambda: TSAM(list(model.parameters()) + [c], torch.optim.SGD, lr=0.1, num_samples=2), model,
+                others=[c], in_step=False)
+
+
+def row_complex_parameter_added_later():
+    model = _mlp()
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, num_samples=2)
+    c = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    return Case(lambda: opt.add_param_group({"params": [c]}), model, opt, others=[c], in_step=False)
+
+
+def row_fsdp2_sharded_parameters():
+    """fully_shard on a 1-rank CPU group: its parameters are DTensors (a shard per rank)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    model = fully_shard(_mlp())
+    return Case(lambda: TSAM(model.parameters(), torch.optim.SGD, lr=0.1), model, in_step=False,
+                cleanup=dist.destroy_process_group)
+
+
+def row_fsdp1_flattened_parameters():
+    """FSDP1 (which needs a GPU) marks the parameters it flattens with ``_fsdp_flattened``."""
+    model = _mlp()
+    model[0].weight._fsdp_flattened = True
+    return Case(lambda: TSAM(model.parameters(), torch.optim.SGD, lr=0.1), model, in_step=False)
 
 
 def row_only_empty_group():
@@ -368,6 +393,12 @@ HOSTILE = [
     pytest.param(row_sparse_gradients, RuntimeError, r"(?s)sparse gradients.*sparse_coo.*sparse=False",
                  id="sparse-gradients"),
     pytest.param(row_complex_parameter, ValueError, r"(?s)complex parameters.*view_as_real", id="complex-parameter"),
+    pytest.param(row_complex_parameter_added_later, ValueError, r"(?s)complex parameters.*view_as_real",
+                 id="complex-parameter-added-later"),
+    pytest.param(row_fsdp2_sharded_parameters, NotImplementedError,
+                 r"(?s)sharded parameters.*DTensor.*silently wrong.*DistributedDataParallel", id="fsdp2-sharded"),
+    pytest.param(row_fsdp1_flattened_parameters, NotImplementedError,
+                 r"(?s)sharded parameters.*FSDP.*DistributedDataParallel", id="fsdp1-flattened"),
     pytest.param(row_only_empty_group, ValueError, r"(?s)no trainable parameters.*empty", id="only-an-empty-group"),
     # hyperparameters the constructor checks do not reach
     pytest.param(_ctor_row(lr=float("nan")), ValueError, r"(?s)lr=nan.*finite", id="lr-nan"),
@@ -405,10 +436,14 @@ HOSTILE = [
 @pytest.mark.parametrize("build,exc,match", HOSTILE)
 def test_hostile(build, exc, match):
     case = build()
-    snap = _snapshot(case)
-    with pytest.raises(exc, match=match):
-        case.act()
-    _assert_unchanged(case, snap)
+    try:
+        snap = _snapshot(case)
+        with pytest.raises(exc, match=match):
+            case.act()
+        _assert_unchanged(case, snap)
+    finally:
+        if case.cleanup is not None:
+            case.cleanup()
     if case.recover is not None:  # the optimizer is not left broken: a clean step trains
         count = case.opt.step_count
         loss = case.opt.step(case.recover)

@@ -48,6 +48,35 @@ class _GradHook:
         return None
 
 
+def _is_sharded(p: torch.Tensor) -> bool:
+    """A DTensor (FSDP2 ``fully_shard``, tensor parallelism) or a parameter FSDP1 has flattened."""
+    if getattr(p, "_fsdp_flattened", False) or type(p).__name__ == "FlatParameter":
+        return True
+    if torch.distributed.is_available():
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - older layouts of torch.distributed
+            return False
+        return isinstance(p, DTensor)
+    return False
+
+
+def check_parameter(p: torch.Tensor, gi: int, pi: int) -> None:
+    """Raise for parameters TSAM cannot optimise correctly (called at construction and when packing)."""
+    if p.is_complex():
+        raise ValueError(
+            f"TSAM does not support complex parameters (group {gi}, parameter {pi}, {p.dtype}); "
+            "optimize torch.view_as_real(p) through a real parameter instead")
+    if _is_sharded(p):
+        raise NotImplementedError(
+            f"TSAM does not support sharded parameters yet (group {gi}, parameter {pi} is a "
+            f"{type(p).__name__} from FSDP / DTensor): each rank holds only a shard, so the perturbation and "
+            "gradient norms would be per-shard and silently wrong. Use DistributedDataParallel (supported), "
+            "or construct TSAM on an unsharded model")
+    if p.requires_grad and not p.is_floating_point():
+        raise ValueError(f"parameter {pi} of group {gi} has dtype {p.dtype}; TSAM needs floating point")
+
+
 class Bucket:
     """One (param group, device, dtype) bucket: flat buffers and the parameters viewing them."""
 
@@ -116,13 +145,8 @@ class FlatLayout:
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                if p.is_complex():
-                    raise ValueError(
-                        f"TSAM does not support complex parameters (group {gi}, parameter {pi}, {p.dtype}); "
-                        "optimize torch.view_as_real(p) through a real parameter instead")
+                check_parameter(p, gi, pi)
                 if p.requires_grad:
-                    if not p.is_floating_point():
-                        raise ValueError(f"parameter {pi} of group {gi} has dtype {p.dtype}; TSAM needs floating point")
                     key = (gi, p.device, p.dtype)
                     if key not in by_key:
                         by_key[key] = Bucket(gi, p.device, p.dtype)

@@ -16,7 +16,7 @@ import torch
 
 from . import rng
 from .backends import BACKENDS, resolve_backend
-from .flat import FlatLayout
+from .flat import FlatLayout, check_parameter
 
 __all__ = ["TSAM", "NonFiniteLossError"]
 
@@ -167,6 +167,9 @@ class TSAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
+        for gi, group in enumerate(self.param_groups):  # unsupported parameters fail here, not at step 1
+            for pi, p in enumerate(group["params"]):
+                check_parameter(p, gi, pi)
         # Resolve backends now: an explicitly requested backend that cannot run fails at construction.
         for device in {p.device for g in self.param_groups for p in g["params"]}:
             self._backend_for(device)
@@ -183,8 +186,12 @@ class TSAM(torch.optim.Optimizer):
             return
         for key in GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
+        params = param_group["params"]
+        param_group["params"] = params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for pi, p in enumerate(params):  # before the base optimizer takes the group: nothing half-added
+            check_parameter(p, len(self.param_groups), pi)
         self.base_optimizer.add_param_group(param_group)
-        for p in param_group["params"]:  # a list now: the base optimizer normalised it
+        for p in params:
             self._backend_for(p.device)
         self._invalidate_layout()
 
