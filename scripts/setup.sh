@@ -15,7 +15,8 @@ PYEOF
 then
     pip_install "torch==2.13.0"
 fi
-# Test and benchmark tools; triton for the interpreter tests of the Triton kernels (optional at run time).
-pip_install "pytest>=8" "pytest-benchmark>=4" numpy ninja "triton>=3.6,<3.10" matplotlib
+# Test and benchmark tools; triton for the interpreter tests of the Triton kernels (optional at run time);
+# scikit-learn for bench/generalization.py (its bundled digits dataset).
+pip_install "pytest>=8" "pytest-benchmark>=4" numpy ninja "triton>=3.6,<3.10" matplotlib scikit-learn
 # The package (and its C++ extension, when present) built against the torch installed above.
 pip_install --no-build-isolation -e .

@@ -9,6 +9,7 @@
 
 from .backends import BackendStatus, BackendUnavailable, backend_info
 from .batchnorm import bn_update_once_per_step
+from .metrics import Sharpness, sharpness
 from .optimizer import TSAM, NonFiniteLossError
 from .schedules import LinearTilt, linear_decay, linear_warmup
 
@@ -21,6 +22,8 @@ __all__ = [
     "BackendUnavailable",
     "backend_info",
     "bn_update_once_per_step",
+    "Sharpness",
+    "sharpness",
     "LinearTilt",
     "linear_warmup",
     "linear_decay",
