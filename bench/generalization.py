@@ -54,26 +54,26 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # the working tree's tsam_fast, also when run as a script
-    sys.path.insert(0, str(HERE.parent))
+for _path in (HERE.parent, HERE):  # the working tree's tsam_fast and bench/, also when run as a script
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-import tsam_fast  # noqa: E402
+import record as record_io  # noqa: E402
+from record import cpu_name, load_average, versions  # noqa: E402
 from tsam_fast import TSAM  # noqa: E402
 from tsam_fast.metrics import sharpness  # noqa: E402
 
@@ -396,15 +396,8 @@ def plot(record: dict, path: Path) -> bool:
 
 
 def save(record: dict, out_dir: Path, make_plot: bool) -> List[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"generalization-{record['config']['preset']}-{record['stamp']}"
-    written = []
-    for name in (f"{stem}.json", "generalization-latest.json"):
-        (out_dir / name).write_text(json.dumps(record, indent=1) + "\n")
-        written.append(out_dir / name)
-    if make_plot and plot(record, out_dir / f"{stem}.png"):
-        (out_dir / "generalization-latest.png").write_bytes((out_dir / f"{stem}.png").read_bytes())
-        written += [out_dir / f"{stem}.png", out_dir / "generalization-latest.png"]
+    written = record_io.save(record, out_dir, f"generalization-{record['config']['preset']}-{record['stamp']}",
+                             "generalization-latest", plot if make_plot else None)
     record["files"] = [str(p) for p in written]
     return written
 
@@ -529,7 +522,7 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     start = _dt.datetime.now(_dt.timezone.utc)
-    load_before = _load_average()
+    load_before = load_average()
     split = load_split(args.test_size, args.split_seed)
     methods = methods_for(args.tilts, args.num_samples)
     todo = [(m, p, s) for p in args.noise for s in args.seeds
@@ -554,29 +547,10 @@ def _run(args: argparse.Namespace) -> dict:
         methods={table: [asdict(m) for m in ms] for table, ms in methods.items()},
         data=dict(name="sklearn.datasets.load_digits", train=len(split.y_train), test=len(split.y_test),
                   classes=NUM_CLASSES, features=split.x_train.shape[1]),
-        host=dict(cpu=_cpu_name(), cores=os.cpu_count(), torch_threads=args.threads),
-        versions=dict(python=platform.python_version(), torch=torch.__version__, tsam_fast=tsam_fast.__version__,
-                      sklearn=sys.modules["sklearn"].__version__),
+        host=dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=args.threads),
+        versions=versions(sklearn=sys.modules["sklearn"].__version__),
         runs=runs, summary=summarize(runs, methods, args.noise),
-        wall_s=time.perf_counter() - t0, load_average=dict(before=load_before, after=_load_average()))
-
-
-def _load_average() -> Optional[float]:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        wall_s=time.perf_counter() - t0, load_average=dict(before=load_before, after=load_average()))
 
 
 def main(argv=None) -> dict:

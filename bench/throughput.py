@@ -26,9 +26,7 @@ import argparse
 import contextlib
 import copy
 import datetime as _dt
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +43,8 @@ if str(HERE) not in sys.path:  # run as a script from anywhere, or imported by t
 import tsam_fast  # noqa: E402
 from baselines import (ERM, SAM, AuthorsTSAM, FastTSAM, ForeachTSAM, PhiloxNoise, TorchNoise,  # noqa: E402
                        TSAMConfig, tsam_oracle)
+import record as record_io  # noqa: E402
+from record import cpu_name, load_average, versions  # noqa: E402
 from models import ModelSpec, Workload, build, param_count  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
@@ -593,29 +593,8 @@ def device_description(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return dict(type="cuda", name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, host_cpu=_cpu_name(), host_cores=os.cpu_count())
-    return dict(type="cpu", name=_cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads())
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    out = dict(python=platform.python_version(), torch=torch.__version__, tsam_fast=tsam_fast.__version__)
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
+                    cuda=torch.version.cuda, host_cpu=cpu_name(), host_cores=os.cpu_count())
+    return dict(type="cpu", name=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads())
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -710,18 +689,10 @@ def plot(record: dict, path: Path) -> bool:
 
 
 def save(record: dict, out_dir: Path, make_plot: bool) -> List[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     dev = record["device"]["type"]
     stamp = record["date"].replace(":", "").replace("-", "")[:13]  # YYYYMMDDTHHMM
-    stem = f"{dev}-{record['config']['size']}-{stamp}"
-    written = []
-    for name in (f"{stem}.json", f"latest-{dev}.json"):
-        (out_dir / name).write_text(json.dumps(record, indent=1) + "\n")
-        written.append(out_dir / name)
-    if make_plot and plot(record, out_dir / f"{stem}.png"):
-        (out_dir / f"latest-{dev}.png").write_bytes((out_dir / f"{stem}.png").read_bytes())
-        written += [out_dir / f"{stem}.png", out_dir / f"latest-{dev}.png"]
-    return written
+    return record_io.save(record, out_dir, f"{dev}-{record['config']['size']}-{stamp}", f"latest-{dev}",
+                          plot if make_plot else None)
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -766,7 +737,7 @@ def _run(args: argparse.Namespace, methods: Optional[List[Method]]) -> dict:
         methods = [m for m in methods if m.key in wanted]
     specs = model_specs(args, preset)
 
-    load_before = _load_average()
+    load_before = load_average()
     if device.type == "cpu" and load_before is not None and load_before > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {load_before:.1f} on {os.cpu_count()} cores before the run: other processes "
               "compete for the CPU and the times will be noisy", file=sys.stderr)
@@ -804,16 +775,8 @@ def _run(args: argparse.Namespace, methods: Optional[List[Method]]) -> dict:
     finally:
         progress.close()
     record["wall_s"] = time.perf_counter() - t_start
-    record["load_average"] = dict(before=load_before, after=_load_average())
+    record["load_average"] = dict(before=load_before, after=load_average())
     return record
-
-
-def _load_average() -> Optional[float]:
-    """The 1-minute load average (None where the OS has none): recorded so noisy runs can be spotted."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 def main(argv=None) -> int:
