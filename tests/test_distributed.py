@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tsam_fast import TSAM
+from tsam_fast import TSAM, bn_update_once_per_step
 
 from conftest import assert_close
 
@@ -25,8 +25,10 @@ STEPS = 10
 KW = dict(num_samples=3, tilt=5.0, radius=0.05, rho=0.05, seed=7, lr=0.1, momentum=0.9, weight_decay=1e-3)
 
 
-def _model():
+def _model(bn=False):
     torch.manual_seed(0)
+    if bn:
+        return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
@@ -35,9 +37,11 @@ def _data():
     return torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
 
 
-def _train(model, x, y, backend, sampler):
+def _train(model, x, y, backend, sampler, bn=False):
     x, y = x.to(next(model.parameters()).device), y.to(next(model.parameters()).device)
     opt = TSAM(model.parameters(), torch.optim.SGD, backend=backend, sampler=sampler, **KW)
+    if bn:
+        bn_update_once_per_step(model, opt)
 
     def closure():
         loss = nn.functional.cross_entropy(model(x), y)
@@ -45,10 +49,11 @@ def _train(model, x, y, backend, sampler):
         return loss
 
     losses = [opt.step(closure) for _ in range(STEPS)]
-    return [p.detach().cpu().clone() for p in model.parameters()], torch.stack(losses).cpu()
+    return ([p.detach().cpu().clone() for p in model.parameters()], torch.stack(losses).cpu(),
+            [b.detach().cpu().clone() for b in model.buffers()])
 
 
-def _worker(rank, world, port, backend, sampler, bucket_view, out, comm="gloo", device="cpu"):
+def _worker(rank, world, port, backend, sampler, bucket_view, out, comm="gloo", device="cpu", bn=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if device == "cuda":
@@ -59,11 +64,11 @@ def _worker(rank, world, port, backend, sampler, bucket_view, out, comm="gloo", 
         x, y = _data()
         half = x.shape[0] // world
         ids = [torch.device(device).index] if device != "cpu" else None
-        model = nn.parallel.DistributedDataParallel(_model().to(device), device_ids=ids,
+        model = nn.parallel.DistributedDataParallel(_model(bn).to(device), device_ids=ids,
                                                     gradient_as_bucket_view=bucket_view)
-        params, losses = _train(model, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half],
-                                backend, sampler)
-        torch.save({"params": params, "losses": losses}, os.path.join(out, f"rank{rank}.pt"))
+        params, losses, buffers = _train(model, x[rank * half:(rank + 1) * half],
+                                         y[rank * half:(rank + 1) * half], backend, sampler, bn)
+        torch.save({"params": params, "losses": losses, "buffers": buffers}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -74,17 +79,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device="cpu", tol=1e-5):
+def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device="cpu", tol=1e-5, bn=False):
     mp.start_processes(_worker, args=(world, _free_port(), backend, sampler, bucket_view, str(tmp_path), comm,
-                                      device), nprocs=world, join=True, start_method="spawn")
+                                      device, bn), nprocs=world, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    x, y = _data()
-    torch.set_num_threads(1)
-    want, want_losses = _train(_model().to(device), x, y, backend, sampler)
     for other in ranks[1:]:
         for a, b in zip(ranks[0]["params"], other["params"]):
             assert torch.equal(a, b), "ranks diverged"
         assert torch.equal(ranks[0]["losses"], other["losses"])
+    if bn:  # per-rank batch statistics: not the full batch's, so no single-process comparison
+        return ranks
+    x, y = _data()
+    torch.set_num_threads(1)
+    want, want_losses, _ = _train(_model().to(device), x, y, backend, sampler)
     assert_close(ranks[0]["losses"], want_losses, rtol=tol, atol=tol / 10, what="tilted losses")
     for a, b in zip(ranks[0]["params"], want):
         assert_close(a, b, rtol=tol, atol=tol / 10, what="DDP vs single process")
@@ -94,6 +101,19 @@ def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device
     ("auto", "ascent", False), ("auto", "ascent", True), ("reference", "hmc", False)])
 def test_ddp_matches_single_process(tmp_path, backend, sampler, bucket_view):
     _run_ddp(tmp_path, 2, backend, sampler, bucket_view)
+
+
+def test_ddp_with_batch_norm(tmp_path):
+    """Batch norm in the DDP model, no find_unused_parameters: bn_update_once_per_step per rank, DDP's
+    buffer broadcast keeps the running statistics identical across ranks, updated once per step."""
+    ranks = _run_ddp(tmp_path, 2, "auto", "ascent", False, bn=True)
+    for a, b in zip(ranks[0]["buffers"], ranks[1]["buffers"]):
+        assert torch.equal(a, b), "running statistics differ between ranks"
+    mean, var, tracked = ranks[0]["buffers"]
+    # each step's first forward updates every rank's buffers with its own half batch; DDP's broadcast
+    # before the second forward makes them rank 0's on every rank; later forwards update throw-away copies
+    assert int(tracked) == STEPS
+    assert not torch.equal(mean, torch.zeros_like(mean)) and torch.isfinite(var).all()
 
 
 def _gpu_cases():
