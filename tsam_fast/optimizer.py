@@ -342,7 +342,7 @@ class TSAM(torch.optim.Optimizer):
                 clip = None
                 if self.max_grad_norm is not None:
                     norm = run.global_sqnorm(lambda be, b: be.sqnorm(b.grad)).sqrt()
-                    run.gradient_checked(torch.isfinite(norm))
+                    run.gradient_checked(norm)
                     if run.scaler is not None:  # the threshold is in unscaled units
                         norm = norm * run.inv_scale()
                     clip = torch.clamp_max(self.max_grad_norm / (norm + _CLIP_EPS), 1.0)
@@ -369,11 +369,12 @@ class TSAM(torch.optim.Optimizer):
         layout.end_step()
         losses = run.losses
         self.last_losses = losses
-        wide = run.tilt.wide(losses)  # t * L may overflow fp32 for finite L
-        self.last_weights = torch.softmax(wide * run.tilt.taus[run.group0], dim=0).float()
-        tilt0 = run.tilts[run.group0]
-        if tilt0 > 0:
-            tilted = ((torch.logsumexp(wide * tilt0, dim=0) - math.log(s)) / tilt0).float()
+        tau0, tilt0 = run.tilt.taus[run.group0], run.tilts[run.group0]
+        shifted = _shifted(losses, tau0)
+        self.last_weights = torch.softmax(shifted, dim=0)
+        if tilt0 > 0:  # (1/t) log mean exp(t L), shifted by max L (t * L may overflow fp32 for finite L)
+            shifted = shifted if tau0 == tilt0 else _shifted(losses, tilt0)
+            tilted = losses.max() + (torch.logsumexp(shifted, dim=0) - math.log(s)) / tilt0
         else:
             tilted = losses.mean()
         if self.check_finite and not bool(run.finite):  # the step's one host sync; check_finite=False skips it
@@ -399,14 +400,13 @@ class TSAM(torch.optim.Optimizer):
             sq = run.global_sqnorm(lambda be, b: be.sqnorm(b.grad, b.backup))
         else:
             sq = run.global_sqnorm(lambda be, b: be.sqnorm(b.grad))
-        ok = torch.isfinite(sq)
-        run.gradient_checked(ok)
+        ok = run.gradient_checked(sq)
         inv = 1.0 / (sq.sqrt() + _NORM_EPS)  # scale-free: a GradScaler's factor cancels
         if run.scaler is not None:  # an overflowed gradient gives no direction: stay at the random start
             inv = torch.where(ok, inv, 0.0)
             run.sanitize_grads()
         kicks = [group["rho"] * inv for group in self.param_groups]
-        one = run.scalar(1.0)
+        one = run.one
         run.each(lambda be, b: be.leapfrog(b.param, b.grad, run.of(kicks, b), one.to(b.device),
                                            precond=b.backup if self.adaptive else None))
 
@@ -419,9 +419,8 @@ class TSAM(torch.optim.Optimizer):
             run.evaluate(closure)
             kick = run.scalar(self.hmc_step_size * (0.5 if step == 0 else 1.0))
             if run.scaler is not None:  # the kick uses the gradient's magnitude: unscale it
-                ok = torch.isfinite(torch.stack([b.grad.sum(dtype=torch.float32).to(run.device)
-                                                 for b in run.buckets]).sum())
-                run.gradient_checked(ok)
+                ok = run.gradient_checked(torch.stack([b.grad.sum(dtype=torch.float32).to(run.device)
+                                                       for b in run.buckets]).sum())
                 kick = torch.where(ok, kick * run.inv_scale(), 0.0)
                 run.sanitize_grads()
             run.each(lambda be, b: be.leapfrog(b.param, b.grad, kick.to(b.device), alpha.to(b.device),
@@ -454,40 +453,44 @@ def _loss_group(process_group):
 class _TiltState:
     """Online log-sum-exp of the tilt, per distinct weight temperature tau = t - delta (spec section 2).
 
-    m' = max(m, tau L); a = exp(m - m'); e = exp(tau L - m'); Z <- a Z + e; the accumulator update is
-    A <- a A + e c g (c: the optional clip factor). Everything stays on the device.
+    Kept in loss units so that no exponent overflows for finite losses: r is the loss at which tau L is
+    largest so far (the max loss for tau >= 0, the min for tau < 0); r' = that after loss L;
+    a = exp(tau (r - r')), e = exp(tau (L - r')) (both exponents <= 0); Z <- a Z + e; the accumulator
+    update is A <- a A + e c g (c: the optional clip factor). Everything stays on the device.
     """
 
-    def __init__(self, taus: List[float], device: torch.device):
+    def __init__(self, taus: List[float]):
         self.taus = taus  # per param group
-        self.m: Dict[float, torch.Tensor] = {}
+        self.ref: Dict[float, torch.Tensor] = {}
         self.z: Dict[float, torch.Tensor] = {}
-        # tau * L in fp64 where the device has it: a finite fp32 loss times a large tilt may overflow fp32
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64
-
-    def wide(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype)
 
     def update(self, loss: torch.Tensor, clip: Optional[torch.Tensor]):
-        """Fold in one sample's loss; returns the per-group fp32 (a, b) of ``A <- a A + b g``."""
+        """Fold in one sample's loss; returns the per-group (a, b) of ``A <- a A + b g``."""
         a_of, b_of = {}, {}
-        loss = self.wide(loss)
         for tau in set(self.taus):
-            x = loss * tau
-            if tau not in self.m:  # first sample: A is overwritten, a is unused
-                self.m[tau], self.z[tau] = x, torch.ones_like(x)
-                a_of[tau], e = torch.zeros_like(x), torch.ones_like(x)
+            if tau not in self.ref:  # first sample: A is overwritten, a is unused
+                self.ref[tau], self.z[tau] = loss, torch.ones_like(loss)
+                a_of[tau], e = torch.zeros_like(loss), torch.ones_like(loss)
+            elif tau == 0:  # plain average: every weight 1
+                a_of[tau] = e = torch.ones_like(loss)
+                self.z[tau] = self.z[tau] + 1
             else:
-                m_new = torch.maximum(self.m[tau], x)
-                a_of[tau], e = torch.exp(self.m[tau] - m_new), torch.exp(x - m_new)
-                self.m[tau], self.z[tau] = m_new, self.z[tau] * a_of[tau] + e
-            e = e.float()  # a, e in [0, 1]: exact enough in fp32, as the kernels take them
-            a_of[tau] = a_of[tau].float()
+                ref = self.ref[tau]
+                new = torch.maximum(ref, loss) if tau > 0 else torch.minimum(ref, loss)
+                a_of[tau], e = torch.exp((ref - new) * tau), torch.exp((loss - new) * tau)
+                self.ref[tau], self.z[tau] = new, self.z[tau] * a_of[tau] + e
             b_of[tau] = e if clip is None else e * clip
         return [a_of[t] for t in self.taus], [b_of[t] for t in self.taus]
 
     def inverse_normalizers(self) -> List[torch.Tensor]:
-        return [(1.0 / self.z[t]).float() for t in self.taus]
+        return [1.0 / self.z[t] for t in self.taus]
+
+
+def _shifted(losses: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau * (L - r) with r the loss maximising tau * L: softmax-equivalent to tau * L, never overflowing."""
+    if tau == 0:
+        return torch.zeros_like(losses)
+    return (losses - (losses.max() if tau > 0 else losses.min())) * tau
 
 
 class _Step:
@@ -504,20 +507,25 @@ class _Step:
             for key in ("rho", "radius"):
                 _check_number(f"param_groups[{i}] {key}", group[key])
         self.tilts = [opt._tilt_at(group) for group in opt.param_groups]
-        self.tilt = _TiltState([t - opt.delta for t in self.tilts], self.device)
+        self.tilt = _TiltState([t - opt.delta for t in self.tilts])
         self.losses = torch.empty(opt.num_samples, dtype=torch.float32, device=self.device)
         self.group, self.world = _loss_group(opt.process_group)
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.one = self.scalar(1.0)
         scaler = opt.grad_scaler
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.overflow = torch.zeros((), dtype=torch.bool, device=self.device)
 
-    def gradient_checked(self, ok: torch.Tensor) -> None:
-        """Record a gradient finiteness test: an error without a GradScaler, the scaler's skip with one."""
-        if self.scaler is None:
-            self.finite &= ok
-        else:
+    def gradient_checked(self, value: torch.Tensor) -> Optional[torch.Tensor]:
+        """Record whether a gradient statistic is finite: the scaler's skip with a GradScaler (returns the
+        flag), an error with check_finite; nothing (no extra ops) otherwise."""
+        if self.scaler is not None:
+            ok = torch.isfinite(value)
             self.overflow |= ~ok
+            return ok
+        if self.opt.check_finite:
+            self.finite &= torch.isfinite(value)
+        return None
 
     def inv_scale(self) -> torch.Tensor:
         """1 / the GradScaler's current scale, on the step's device (set once the closure has scaled a loss)."""
@@ -555,7 +563,7 @@ class _Step:
     def global_sqnorm(self, op) -> torch.Tensor:
         """Sum of a per-bucket squared norm over all buckets (one norm over all trainable parameters)."""
         parts = [op(self.backends[b.device], b).to(self.device, non_blocking=True) for b in self.buckets]
-        return torch.stack(parts).sum()
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
     def start_coefficients(self, j: int):
         """Seed and per-group coefficient c of sample j's random start theta0 + c * xi."""
@@ -605,5 +613,6 @@ class _Step:
                 "(load_state_dict(..., assign=True), module.to(...) onto another device, re-created layers), "
                 "construct TSAM again on model.parameters().")
         loss = loss.detach().reshape(()).to(device=self.device, dtype=torch.float32, non_blocking=True)
-        self.finite &= torch.isfinite(loss)
+        if opt.check_finite:
+            self.finite &= torch.isfinite(loss)
         return loss
