@@ -151,3 +151,27 @@ def test_grad_scaler_closure_must_scale():
     with pytest.raises(RuntimeError, match=r"never called scaler\.scale\(loss\)"):
         opt.step(lambda: (l := nn.functional.cross_entropy(model(x), y)).backward() or l)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("sampler", ["ascent", "hmc"])
+def test_grad_scaler_sees_an_overflow_when_the_first_parameter_is_unused(sampler):
+    """The overflow seen at an ascent/leapfrog gradient must reach the scaler through a parameter that has
+    a gradient: here the optimizer's first parameter gets none (an unused layer), so it cannot carry it."""
+    model, x, y = _task("cpu")
+    unused = nn.Linear(3, 3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    opt = TSAM(list(unused.parameters()) + list(model.parameters()), torch.optim.SGD, lr=0.2, momentum=0.9,
+               seed=1, sampler=sampler, num_samples=2, radius=0.02, grad_scaler=scaler)
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if opt.closure_index == 0:  # the first ascent / leapfrog gradient only
+            model[0].weight.grad[0, 0] = float("inf")
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "the step was not skipped"
+    assert scaler.get_scale() == INIT_SCALE / 2

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from tsam_fast import TSAM, NonFiniteLossError
+from tsam_fast import TSAM, BackendUnavailable, NonFiniteLossError
 
 from conftest import assert_close
 from naive import NaiveTSAM
@@ -257,6 +257,26 @@ def row_complex_parameter_added_later():
     return Case(lambda: opt.add_param_group({"params": [c]}), model, opt, others=[c], in_step=False)
 
 
+def row_add_group_backend_cannot_run():
+    """An explicit backend that cannot run the new group's device: nothing of the group is added."""
+    model = _mlp()
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="cpp")
+    meta = nn.Parameter(torch.randn(3, device="meta"))
+    return Case(lambda: opt.add_param_group({"params": [meta]}), model, opt, in_step=False)
+
+
+def row_add_group_as_a_set():
+    model = _mlp()
+    opt = TSAM(model[:1].parameters(), torch.optim.SGD, lr=0.1)
+    return Case(lambda: opt.add_param_group({"params": set(model[2].parameters())}), model, opt, in_step=False)
+
+
+def row_add_group_not_tensors():
+    model = _mlp()
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    return Case(lambda: opt.add_param_group({"params": [1.5]}), model, opt, in_step=False)
+
+
 def row_fsdp2_sharded_parameters():
     """fully_shard on a 1-rank CPU group: its parameters are DTensors (a shard per rank)."""
     import torch.distributed as dist
@@ -385,6 +405,10 @@ HOSTILE = [
     pytest.param(_closure_row("inf-grad", 3), NonFiniteLossError, _NONFINITE_GRAD, id="inf-grad-sample-call"),
     pytest.param(_closure_row("sqrt0", 1, sampler="random"), NonFiniteLossError, _NONFINITE_GRAD,
                  id="nan-grad-random-sampler"),
+    pytest.param(_closure_row("inf-grad", 0, sampler="hmc"), NonFiniteLossError, _NONFINITE_GRAD,
+                 id="inf-grad-hmc-leapfrog-call"),
+    pytest.param(_closure_row("inf-grad", 0, sampler="hmc", max_grad_norm=10.0), NonFiniteLossError,
+                 _NONFINITE_GRAD, id="inf-grad-hmc-leapfrog-call-clipped"),
     pytest.param(_closure_row("sqrt0", 1, sampler="hmc"), NonFiniteLossError, _NONFINITE_GRAD,
                  id="nan-grad-hmc-sample-call"),
     pytest.param(_closure_row("sqrt0", 1, max_grad_norm=10.0), NonFiniteLossError, _NONFINITE_GRAD,
@@ -395,6 +419,9 @@ HOSTILE = [
     pytest.param(row_complex_parameter, ValueError, r"(?s)complex parameters.*view_as_real", id="complex-parameter"),
     pytest.param(row_complex_parameter_added_later, ValueError, r"(?s)complex parameters.*view_as_real",
                  id="complex-parameter-added-later"),
+    pytest.param(row_add_group_backend_cannot_run, BackendUnavailable, r"cpp", id="add-group-unrunnable-device"),
+    pytest.param(row_add_group_as_a_set, TypeError, r"ordered collections.*use a list", id="add-group-set"),
+    pytest.param(row_add_group_not_tensors, TypeError, r"only optimize Tensors.*float", id="add-group-not-tensor"),
     pytest.param(row_fsdp2_sharded_parameters, NotImplementedError,
                  r"(?s)sharded parameters.*DTensor.*silently wrong.*DistributedDataParallel", id="fsdp2-sharded"),
     pytest.param(row_fsdp1_flattened_parameters, NotImplementedError,

@@ -67,7 +67,7 @@ def check_parameter(p: torch.Tensor, gi: int, pi: int) -> None:
         raise ValueError(
             f"TSAM does not support complex parameters (group {gi}, parameter {pi}, {p.dtype}); "
             "optimize torch.view_as_real(p) through a real parameter instead")
-    if _is_sharded(p):
+    if p.requires_grad and _is_sharded(p):  # frozen ones are never touched
         raise NotImplementedError(
             f"TSAM does not support sharded parameters yet (group {gi}, parameter {pi} is a "
             f"{type(p).__name__} from FSDP / DTensor): each rank holds only a shard, so the perturbation and "

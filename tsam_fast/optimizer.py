@@ -95,7 +95,7 @@ class TSAM(torch.optim.Optimizer):
         check_finite: raise :class:`NonFiniteLossError` (and undo the step) when a loss or gradient is
             NaN/inf. This reads one flag on the host at the end of each step and, unless
             ``max_grad_norm`` already measures every sample's gradient, sums the final gradient once (one
-            read of it); ``False`` makes the step free of host syncs, and non-finite values then propagate
+            read of it; ``hmc`` also sums its momentum once per sample); ``False`` makes the step free of host syncs, and non-finite values then propagate
             as in any torch optimizer. With ``grad_scaler``, gradient overflow is the scaler's to handle
             (the step is skipped, not raised); non-finite losses still raise.
         grad_scaler: a ``torch.amp.GradScaler`` for fp16 mixed precision (see the README's recipe): the
@@ -187,12 +187,17 @@ class TSAM(torch.optim.Optimizer):
         for key in GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                            "of tensors in sets will change between runs. Please use a list instead.")
         param_group["params"] = params = [params] if isinstance(params, torch.Tensor) else list(params)
         for pi, p in enumerate(params):  # before the base optimizer takes the group: nothing half-added
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but parameter {pi} of the new group is a "
+                                f"{type(p).__name__}")
             check_parameter(p, len(self.param_groups), pi)
-        self.base_optimizer.add_param_group(param_group)
-        for p in params:
             self._backend_for(p.device)
+        self.base_optimizer.add_param_group(param_group)
         self._invalidate_layout()
 
     def state_dict(self) -> dict:
@@ -335,7 +340,6 @@ class TSAM(torch.optim.Optimizer):
                     self._leapfrog(closure, run, j)
                 loss = run.evaluate(closure)
                 if run.world > 1:  # every rank must derive the same weights: average the loss over ranks
-                    loss = loss.clone()  # it may alias the closure's own loss tensor
                     torch.distributed.all_reduce(loss, group=run.group)
                     loss /= run.world
                 run.losses[j] = loss
@@ -374,7 +378,8 @@ class TSAM(torch.optim.Optimizer):
         self.last_weights = torch.softmax(shifted, dim=0)
         if tilt0 > 0:  # (1/t) log mean exp(t L), shifted by max L (t * L may overflow fp32 for finite L)
             shifted = shifted if tau0 == tilt0 else _shifted(losses, tilt0)
-            tilted = losses.max() + (torch.logsumexp(shifted, dim=0) - math.log(s)) / tilt0
+            # log mean exp(x) as log1p(mean(expm1(x))): no cancellation for small t (x near 0)
+            tilted = losses.max() + torch.log1p(torch.expm1(shifted).mean()) / tilt0
         else:
             tilted = losses.mean()
         if self.check_finite and not bool(run.finite):  # the step's one host sync; check_finite=False skips it
@@ -425,6 +430,9 @@ class TSAM(torch.optim.Optimizer):
                 run.sanitize_grads()
             run.each(lambda be, b: be.leapfrog(b.param, b.grad, kick.to(b.device), alpha.to(b.device),
                                                momentum=b.momentum))
+        if run.scaler is None and self.check_finite:  # every kick went into v: one sum of v checks them all
+            run.gradient_checked(torch.stack([b.momentum.sum(dtype=torch.float32).to(run.device)
+                                              for b in run.buckets]).sum())
 
     def _restore(self, layout: FlatLayout, backed_up: bool) -> None:
         """Undo a step that failed mid-way: parameters back to theta0, no gradients left behind."""
@@ -486,6 +494,11 @@ class _TiltState:
         return [1.0 / self.z[t] for t in self.taus]
 
 
+def _async_to(device: torch.device) -> bool:
+    """Copies to an accelerator may be asynchronous; a copy to the CPU must not be (the CPU reads it next)."""
+    return device.type != "cpu"
+
+
 def _shifted(losses: torch.Tensor, tau: float) -> torch.Tensor:
     """tau * (L - r) with r the loss maximising tau * L: softmax-equivalent to tau * L, never overflowing."""
     if tau == 0:
@@ -543,10 +556,11 @@ class _Step:
     def mark_overflow(self) -> None:
         """Make an overflow seen at an ascent/leapfrog gradient visible to the scaler's inf check: a NaN
         in one element of the final gradient when (and only when) it happened. No host sync."""
-        b = next((b for b in self.buckets if b.grad.numel()), None)
-        if b is not None:
-            flag = self.overflow.to(b.device, non_blocking=True)
-            b.grad[:1].add_(torch.where(flag, float("nan"), 0.0).to(b.grad.dtype))
+        # a parameter the scaler will look at: one with a gradient this step (the others have grad None)
+        p = next((p for p in self.layout.params if p.grad is not None and p.grad.numel()), None)
+        if p is not None:
+            flag = self.overflow.to(p.device, non_blocking=_async_to(p.device))
+            p.grad[(0,) * p.grad.dim()].add_(torch.where(flag, float("nan"), 0.0).to(p.grad.dtype))
 
     def each(self, op) -> None:
         for b in self.buckets:
@@ -555,14 +569,15 @@ class _Step:
     @staticmethod
     def of(per_group: List[torch.Tensor], bucket) -> torch.Tensor:
         """A bucket's value of a per-group device scalar, on the bucket's device."""
-        return per_group[bucket.group_index].to(bucket.device, non_blocking=True)
+        return per_group[bucket.group_index].to(bucket.device, non_blocking=_async_to(bucket.device))
 
     def scalar(self, x: float) -> torch.Tensor:
         return torch.full((), x, dtype=torch.float32, device=self.device)
 
     def global_sqnorm(self, op) -> torch.Tensor:
         """Sum of a per-bucket squared norm over all buckets (one norm over all trainable parameters)."""
-        parts = [op(self.backends[b.device], b).to(self.device, non_blocking=True) for b in self.buckets]
+        parts = [op(self.backends[b.device], b).to(self.device, non_blocking=_async_to(self.device))
+                 for b in self.buckets]
         return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
     def start_coefficients(self, j: int):
@@ -612,7 +627,9 @@ class _Step:
                 "given. If the model's parameters were replaced after TSAM was constructed "
                 "(load_state_dict(..., assign=True), module.to(...) onto another device, re-created layers), "
                 "construct TSAM again on model.parameters().")
-        loss = loss.detach().reshape(()).to(device=self.device, dtype=torch.float32, non_blocking=True)
+        # a copy: the closure may return (and later overwrite) a buffer of its own
+        loss = loss.detach().reshape(()).to(device=self.device, dtype=torch.float32, copy=True,
+                                            non_blocking=_async_to(self.device))
         if opt.check_finite:
             self.finite &= torch.isfinite(loss)
         return loss
