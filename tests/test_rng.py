@@ -101,3 +101,13 @@ def test_reference_matches_triton_randn4x():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_host_uniform_is_the_tensor_uniform_bit_for_bit():
+    """The ball start's radius draw is computed in plain Python; it equals the tensor path exactly."""
+    for seed in [0, 1, 7, 2**31 - 1, 2**32 + 5, 2**63 - 1] + [rng.stream_seed(3, k, j, rng.STREAM_RADIUS)
+                                                              for k in range(50) for j in range(4)]:
+        w = rng.philox4x32(0, 0, 0, 0, seed & 0xFFFFFFFF, seed >> 32)[0]
+        want = rng.words_to_uniform(torch.tensor([w], dtype=torch.int64))[0]
+        got = rng.host_uniform(seed)
+        assert torch.tensor(got, dtype=torch.float32).item() == want.item() and got == want.item(), seed

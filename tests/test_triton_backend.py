@@ -425,12 +425,17 @@ def test_buffers_over_2_31_elements():
 
 
 @gpu_only
-def test_step_makes_no_host_sync():
+@pytest.mark.parametrize("sampler,kw", [("ascent", {}), ("ascent", dict(max_grad_norm=1.0, adaptive=True)),
+                                        ("random", dict(start="ball")), ("hmc", dict(delta=0.5))],
+                         ids=["ascent", "ascent-clip-adaptive", "random-ball", "hmc-delta"])
+def test_step_makes_no_host_sync(sampler, kw):
+    """Two param groups (tilts 3 and 0), every sampler: no device sync inside the step."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
     x, y = torch.randn(16, 64, device="cuda"), torch.randn(16, 8, device="cuda")
-    opt = TSAM(net.parameters(), torch.optim.SGD, lr=0.01, momentum=0.9, backend="triton", check_finite=False,
-               num_samples=3, seed=1)
+    groups = [{"params": net[0].parameters(), "tilt": 3.0}, {"params": net[2].parameters(), "tilt": 0.0}]
+    opt = TSAM(groups, torch.optim.SGD, lr=0.01, momentum=0.9, backend="triton", check_finite=False,
+               num_samples=3, seed=1, sampler=sampler, **kw)
     assert opt.backend_name("cuda") == "triton"
 
     def closure():

@@ -19,6 +19,7 @@ tensors, which gives the host its scalar draws (the ``ball`` radius) from the sa
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -149,10 +150,21 @@ def normal(seed: int, start: int, n: int, device=None, out: torch.Tensor | None 
     return out
 
 
+def _fp32(x: float) -> float:
+    """Round a Python float to the nearest fp32 value (ties to even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def host_uniform(seed: int) -> float:
-    """One uniform from word 0 of counter 0 of stream ``seed``, computed on the host (no device work)."""
+    """One uniform from word 0 of counter 0 of stream ``seed``, in plain Python ints and floats (no tensor,
+    no device work): ``words_to_uniform`` of that word, bit for bit."""
     w = philox4x32(0, 0, 0, 0, seed & _M32, (seed >> 32) & _M32)[0]
-    return float(words_to_uniform(torch.tensor([w], dtype=torch.int64))[0])
+    signed = w - (1 << 32) if w >> 31 else w
+    if signed < 0:
+        signed = ~signed
+    # fp32(signed) * fp32(scale): the double product of two fp32 values is exact, so one rounding to fp32
+    # gives the correctly rounded fp32 product, as the tensor version computes it
+    return _fp32(_fp32(float(signed)) * _fp32(UNIFORM_SCALE))
 
 
 def log_uniform_radius(u: float, d: int) -> float:

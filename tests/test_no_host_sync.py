@@ -1,0 +1,82 @@
+"""With ``check_finite=False`` (and no GradScaler) a step never reads a tensor's value on the host: no
+``.item()``, ``bool(t)``, ``float(t)``, ``.tolist()`` ... anywhere in the optimizer's Python, for every
+sampler and option. On the CPU such a read is free, so this is the guard CI can run; on a GPU each would
+be a device sync (``tests/test_triton_backend.py::test_step_makes_no_host_sync`` checks that side under
+``torch.cuda.set_sync_debug_mode("error")`` in ``bench/gpu_check.sh``)."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+from torch import nn
+
+import tsam_fast
+from tsam_fast import TSAM
+
+READS = ("__bool__", "item", "__float__", "__int__", "__index__", "tolist")
+BACKENDS = [b for b in ("reference", "cpp") if tsam_fast.backend_info()[b].available]
+OPTIONS = {
+    "plain": dict(),
+    "clip": dict(max_grad_norm=1.0),
+    "delta": dict(delta=0.5, tilt=0.2),
+    "adaptive-ball": dict(adaptive=True, start="ball"),
+    "sphere": dict(start="sphere"),
+    "none": dict(start="none", num_samples=1),
+}
+CASES = [(s, o) for s in ("ascent", "random", "hmc") for o in OPTIONS
+         if not (o == "adaptive-ball" and s != "ascent")]
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Arm with ``armed[0] = True``; every host read of a tensor while armed is recorded with its stack."""
+    seen, armed = {}, [False]
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def trap(self, *args, _original=original, _name=name, **kwargs):
+            if armed[0]:
+                seen.setdefault(_name, "".join(traceback.format_stack(limit=8)))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, trap)
+    return seen, armed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sampler,option", CASES, ids=[f"{s}-{o}" for s, o in CASES])
+def test_step_reads_nothing_on_the_host(host_reads, backend, sampler, option):
+    seen, armed = host_reads
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.GELU(), nn.Linear(16, 3))
+    extra = nn.Linear(3, 3).to(torch.bfloat16)  # a second group, another dtype: two buckets
+    x, y = torch.randn(64, 20), torch.randint(0, 3, (64,))
+    ones = torch.ones(3, dtype=torch.bfloat16)
+
+    def closure():
+        armed[0] = False  # the closure's own reads are the user's business
+        loss = nn.functional.cross_entropy(model(x), y) + extra(ones).float().sum() * 1e-3
+        loss.backward()
+        armed[0] = True
+        return loss
+
+    kw = dict(OPTIONS[option])
+    tilt = kw.pop("tilt", 3.0)
+    opt = TSAM([{"params": model.parameters(), "tilt": tilt}, {"params": extra.parameters(), "tilt": 0.0}],
+               torch.optim.SGD, lr=0.01, momentum=0.9, sampler=sampler, check_finite=False, backend=backend, **kw)
+    opt.step(closure)  # the first step builds the flat buffers
+    armed[0] = True
+    try:
+        opt.step(closure)
+    finally:
+        armed[0] = False
+    assert not seen, "host reads inside step:\n" + "\n".join(f"{k}:\n{v}" for k, v in seen.items())
+
+
+def test_the_trap_catches_a_read(host_reads):
+    seen, armed = host_reads
+    armed[0] = True
+    bool(torch.ones(()) > 0)
+    armed[0] = False
+    assert "__bool__" in seen
