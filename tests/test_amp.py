@@ -175,3 +175,35 @@ def test_grad_scaler_sees_an_overflow_when_the_first_parameter_is_unused(sampler
     scaler.update()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "the step was not skipped"
     assert scaler.get_scale() == INIT_SCALE / 2
+
+
+@pytest.mark.parametrize("device", SCALER_DEVICES)
+def test_grad_scaler_fp16_autocast_trains(device):
+    """The README's recipe end to end: fp16 autocast in the closure, a GradScaler, 30 steps; the loss
+    ends within 0.05 nats of the same training in fp32 (about 5% of where it starts, while it falls by
+    more than 40%), and the scale stays finite and positive."""
+    results = {}
+    for amp in (True, False):
+        model, x, y = _task(device)
+        scaler = torch.amp.GradScaler(device) if amp else None
+        opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.2, momentum=0.9, seed=5, num_samples=3, tilt=2.0,
+                   rho=0.05, radius=0.02, grad_scaler=scaler)
+
+        def closure():
+            with torch.autocast(device_type=device, dtype=torch.float16, enabled=amp):
+                logits = model(x)
+            loss = nn.functional.cross_entropy(logits.float(), y)
+            (scaler.scale(loss) if amp else loss).backward()
+            return loss
+
+        losses = []
+        for _ in range(30):
+            losses.append(opt.step(closure).item())
+            if amp:
+                scaler.update()
+        results[amp] = losses
+        if amp:
+            assert 0 < scaler.get_scale() < float("inf")
+    fp16, fp32 = results[True], results[False]
+    assert fp16[-1] < 0.6 * fp16[0], f"loss went {fp16[0]:.3f} -> {fp16[-1]:.3f}"
+    assert abs(fp16[-1] - fp32[-1]) < 0.05, (fp16[-1], fp32[-1])
