@@ -84,7 +84,7 @@ def _batch_size(x, y) -> int:
 
 def _loss_over(model: nn.Module, loss_fn: Callable, data, device: torch.device) -> torch.Tensor:
     """Size-weighted mean of ``loss_fn(model(x), y)`` over the batches, as a 0-dim fp64 device tensor
-    (fp32 on MPS, which has no fp64). One host sync per call, at the caller's ``.item()``."""
+    (fp32 on MPS, which has no fp64). It stays on the device: ``sharpness`` reads all the losses at once."""
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     total = torch.zeros((), dtype=acc_dtype, device=device)
     count = 0
@@ -156,6 +156,9 @@ def sharpness(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], 
         :class:`Sharpness` (mean, max, std, base_loss, n, eps, relative, increases). A non-finite loss
         is reported as such (inf/nan), not raised.
 
+    An evaluation to run between training steps (not inside a TSAM closure): it reads the results on
+    the host once, at the end (one device sync per call).
+
     Every perturbed tensor is put back bit-for-bit from a saved copy when the function returns or
     raises (e.g. when ``loss_fn`` fails mid-way); the parameters are written in place, so views into
     them (such as :class:`tsam_fast.TSAM`'s flat buffers) stay attached.
@@ -199,8 +202,11 @@ def sharpness(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], 
         for module, training in modes:
             module.training = training
 
-    base_loss = base.item()
-    rises = torch.stack(losses).cpu().double() - base_loss
+    # the function's one device-to-host read: every loss in a single transfer (the loop above queues
+    # device work only); everything below is host arithmetic on a CPU tensor
+    values = torch.stack([base] + losses).to("cpu", torch.float64)
+    base_loss = values[0].item()
+    rises = values[1:] - base_loss
     return Sharpness(
         mean=rises.mean().item(),
         max=rises.max().item(),  # NaN-propagating, unlike Python's max
