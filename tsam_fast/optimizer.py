@@ -264,6 +264,13 @@ class TSAM(torch.optim.Optimizer):
         return self._closure_index
 
     @property
+    def evaluations_per_step(self) -> int:
+        """Gradient evaluations (closure calls) one step makes: 2s for ``ascent``, s for ``random``,
+        s(1 + hmc_steps) for ``hmc``."""
+        per_sample = {"ascent": 2, "random": 1, "hmc": 1 + self.hmc_steps}[self.sampler]
+        return self.num_samples * per_sample
+
+    @property
     def step_count(self) -> int:
         """Completed TSAM steps (the noise counter; saved in state_dict)."""
         return self._step_count
