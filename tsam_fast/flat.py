@@ -97,12 +97,14 @@ class Bucket:
         self.momentum: Optional[torch.Tensor] = None
 
     def ensure_state(self, need_momentum: bool) -> None:
-        """Allocate theta0 (parameter dtype), A (fp32) and, for HMC, v (fp32): the only extra memory."""
+        """Allocate theta0 (parameter dtype), A and, for HMC, v (fp32; float64 for a float64 bucket): the
+        only extra memory."""
+        wide = torch.float64 if self.dtype == torch.float64 else torch.float32
         if self.backup is None:
             self.backup = torch.empty_like(self.param)
-            self.acc = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+            self.acc = torch.empty(self.numel, dtype=wide, device=self.device)
         if need_momentum and self.momentum is None:
-            self.momentum = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+            self.momentum = torch.empty(self.numel, dtype=wide, device=self.device)
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.backup, self.acc, self.momentum) if t is not None)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, Optional, Tuple
 
+import torch
+
 from .base import Backend, BackendStatus, BackendUnavailable
 from .reference import ReferenceBackend
 
@@ -60,8 +62,9 @@ def backend_info() -> Dict[str, BackendStatus]:
     return {name: _probe(name)[1] for name in BACKENDS}
 
 
-def resolve_backend(requested: str, device_type: str) -> Backend:
-    """The backend instance for ``requested`` ("auto" or a name) on parameters of ``device_type``."""
+def resolve_backend(requested: str, device_type: str, dtype: Optional[torch.dtype] = None) -> Backend:
+    """The backend instance for ``requested`` ("auto" or a name) on parameters of ``device_type`` (and
+    ``dtype``, when given): "auto" picks, per (device, dtype), the preferred backend that runs it."""
     if requested != "auto":
         backend, status = _probe(requested)
         if backend is None:
@@ -70,20 +73,33 @@ def resolve_backend(requested: str, device_type: str) -> Backend:
             raise BackendUnavailable(
                 f"backend={requested!r} runs on {', '.join(status.devices)} parameters, not {device_type}; "
                 "use backend='auto' or 'reference'")
+        if dtype is not None and dtype not in backend.dtypes:
+            raise BackendUnavailable(
+                f"backend={requested!r} runs {', '.join(_dtype_name(d) for d in backend.dtypes)} parameters, "
+                f"not {_dtype_name(dtype)}; use backend='auto' (it picks a backend per dtype) or 'reference', "
+                "or convert the model")
         return backend
     preferred = _PREFERENCE.get(device_type, ("reference",))
     skipped = []
     for name in preferred:
         backend, status = _probe(name)
-        if backend is not None:
-            key = (device_type, name)
+        if backend is not None and (dtype is None or dtype in backend.dtypes):
+            key = (device_type, name, dtype)
             if key not in _announced:
                 _announced.add(key)
+                what = f"{device_type} {_dtype_name(dtype)}" if dtype is not None else device_type
                 if skipped:
                     logger.warning("tsam_fast: backend 'auto' uses %r for %s parameters (%s)",
-                                   name, device_type, "; ".join(skipped))
+                                   name, what, "; ".join(skipped))
                 else:
-                    logger.info("tsam_fast: backend 'auto' uses %r for %s parameters", name, device_type)
+                    logger.info("tsam_fast: backend 'auto' uses %r for %s parameters", name, what)
             return backend
-        skipped.append(f"{name} unavailable: {status.reason}")
+        if backend is None:
+            skipped.append(f"{name} unavailable: {status.reason}")
+        else:
+            skipped.append(f"{name} does not run {_dtype_name(dtype)}")
     raise AssertionError("the reference backend is always available")  # pragma: no cover
+
+
+def _dtype_name(dtype: Optional[torch.dtype]) -> str:
+    return str(dtype).replace("torch.", "")

@@ -30,56 +30,62 @@ import torch
 
 Runs = Sequence[Tuple[int, int, int]]
 
+#: the storage dtypes of the fused backends (their math is fp32)
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 class Backend:
-    """Base class of the backends: documents each op; subclasses implement all of them."""
+    """One implementation of the op contract, as the step engine uses it: each method takes a bucket
+    (``tsam_fast.flat.Bucket``: ``param``, ``grad``, ``backup`` (theta0), ``acc``, ``momentum``, ``runs``,
+    ``device``, ``dtype``) and the few scalars of the op, and runs the op over the bucket's buffers.
 
-    #: registry name, e.g. "reference"
-    name: str = ""
+    ``ops`` is the contract itself over plain tensors (one callable per op, with the signatures of
+    ``ReferenceOps``): the reference functions, ``torch.ops.tsam_fast`` (C++), or the Triton launchers.
+    The op-level tests and benchmarks call ``backend.ops`` directly.
+    """
+
+    def __init__(self, name: str, ops, dtypes: Tuple[torch.dtype, ...] = FUSED_DTYPES):
+        self.name = name
+        self.ops = ops
+        #: the parameter dtypes this backend runs
+        self.dtypes = dtypes
 
     def held_bytes(self) -> int:
-        """Bytes of buffers the backend itself keeps between ops (e.g. cached noise); 0 by default."""
-        return 0
+        """Bytes of buffers the backend itself keeps between ops; 0 unless the ops say otherwise."""
+        return getattr(self.ops, "held_bytes", lambda: 0)()
 
-    def noise_sqnorm(self, runs: Runs, seed: int, device: torch.device) -> torch.Tensor:
-        """``sum(xi**2)`` over the bucket's elements (generator only, no memory traffic)."""
-        raise NotImplementedError
+    def noise_sqnorm(self, bucket, seed: int) -> torch.Tensor:
+        """``sum(xi**2)`` over the bucket (generator only)."""
+        return self.ops.noise_sqnorm(bucket.runs, seed, bucket.device)
 
-    def sqnorm(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``sum((scale * x)**2)`` in fp32 or better; ``scale`` (same dtype as ``x``) may be None."""
-        raise NotImplementedError
+    def grad_sqnorm(self, bucket, adaptive: bool = False) -> torch.Tensor:
+        """``sum((T g)**2)``, T = |theta0| when ``adaptive`` else 1."""
+        return self.ops.sqnorm(bucket.grad, bucket.backup if adaptive else None)
 
-    def perturb(self, theta, theta0, runs: Runs, seed: Optional[int], coef, save_backup: bool) -> None:
-        """Random start. If ``save_backup``: ``theta0 <- theta`` first. Then ``theta <- theta0 + coef * xi``."""
-        raise NotImplementedError
+    def perturb(self, bucket, seed: Optional[int], coef: torch.Tensor, save_backup: bool = False) -> None:
+        """The random start ``theta <- theta0 + coef * xi`` (``theta0 <- theta`` first if ``save_backup``)."""
+        self.ops.perturb(bucket.param, bucket.backup, bucket.runs, seed, coef, save_backup)
 
-    def fill_noise(self, out, runs: Runs, seed: int, coef) -> None:
-        """``out <- coef * xi`` (HMC's momentum draw; ``out`` is fp32)."""
-        raise NotImplementedError
+    def draw_momentum(self, bucket, seed: int, sigma: torch.Tensor) -> None:
+        """HMC's ``v <- sigma * xi``."""
+        self.ops.fill_noise(bucket.momentum, bucket.runs, seed, sigma)
 
-    def leapfrog(self, theta, grad, kick, drift, momentum=None, precond=None) -> None:
-        """One leapfrog position step. With ``momentum`` (HMC): ``v <- v + kick*g; theta <- theta + drift*v``.
+    def ascend(self, bucket, kick: torch.Tensor, one: torch.Tensor, adaptive: bool) -> None:
+        """``theta <- theta + kick * P g`` (P = theta0**2 when ``adaptive``): the ascent sampler's move."""
+        self.ops.leapfrog(bucket.param, bucket.grad, kick, one, None, bucket.backup if adaptive else None)
 
-        Without (the ``ascent`` sampler: zero momentum): ``theta <- theta + drift * kick * P * g`` with
-        ``P = precond**2`` element-wise (ASAM's ``|theta0|**2``) or 1 when ``precond`` is None.
-        """
-        raise NotImplementedError
+    def leapfrog(self, bucket, kick: torch.Tensor, drift: torch.Tensor) -> None:
+        """HMC's ``v <- v + kick * g; theta <- theta + drift * v``."""
+        self.ops.leapfrog(bucket.param, bucket.grad, kick, drift, bucket.momentum, None)
 
-    def tilt_accumulate(self, acc, grad, a, b, first: bool, theta, theta0, runs: Runs,
-                        seed: Optional[int], coef) -> None:
-        """Online tilt update fused with the next sample's random start.
+    def tilt_accumulate(self, bucket, a, b, first: bool, seed: Optional[int], coef) -> None:
+        """``A <- a A + b g`` (``b g`` when ``first``) fused with the next start ``theta <- theta0 + coef xi``."""
+        self.ops.tilt_accumulate(bucket.acc, bucket.grad, a, b, first, bucket.param, bucket.backup,
+                                 bucket.runs, seed, coef)
 
-        ``A <- a*A + b*g`` (``A <- b*g`` when ``first``; ``A`` is not read then), and
-        ``theta <- theta0 + coef * xi``.
-        """
-        raise NotImplementedError
-
-    def finalize(self, acc, grad, a, b, inv_z, first: bool, theta, theta0) -> None:
-        """Last tilt update fused with the end of the step.
-
-        ``grad <- (a*A + b*g) * inv_z`` (``A`` not read when ``first``) and ``theta <- theta0``.
-        """
-        raise NotImplementedError
+    def finalize(self, bucket, a, b, inv_z, first: bool) -> None:
+        """``grad <- (a A + b g) * inv_z`` and ``theta <- theta0``: the end of a step."""
+        self.ops.finalize(bucket.acc, bucket.grad, a, b, inv_z, first, bucket.param, bucket.backup)
 
 
 @dataclass(frozen=True)

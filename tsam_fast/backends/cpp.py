@@ -183,7 +183,7 @@ def _flat_runs(runs: tuple) -> Tuple[int, ...]:
     return tuple(int(v) for run in runs for v in run)
 
 
-class CppBackend(Backend):
+class CppOps:
     """The op contract on CPU buffers via torch.ops.tsam_fast (fused, SIMD, OpenMP).
 
     Noise between its two passes (spec section 5): the random start needs xi twice, for its norm
@@ -196,7 +196,6 @@ class CppBackend(Backend):
     run), so the default keeps the optimizer's extra memory at theta0 + A.
     """
 
-    name = "cpp"
     #: buckets whose noise buffer is kept (least recently used ones are dropped beyond this)
     max_stored = 32
 
@@ -267,8 +266,9 @@ def probe() -> Tuple[Optional[Backend], BackendStatus]:
     try:
         origin = _load()
         _register_fakes()
-        backend = CppBackend()
-        isa = backend.isa
+        ops = CppOps()
+        isa = ops.isa
+        backend = Backend("cpp", ops)
     except Exception as exc:
         return None, BackendStatus("cpp", False, ("cpu",), f"the C++ extension could not be loaded: {exc}")
     return backend, BackendStatus("cpp", True, ("cpu",),

@@ -1,8 +1,9 @@
 """The reference backend: the op contract in plain PyTorch ops. It is the oracle of every other backend.
 
-Written for clarity and exactness, not speed: all arithmetic in fp32 (norms accumulated in fp64),
-results rounded once to the buffer's dtype, noise from ``tsam_fast.rng``. It runs on any device
-PyTorch supports and is the fallback when no fused backend is available.
+Written for clarity and exactness, not speed: arithmetic in fp32 (float64 for float64 buffers), norms
+accumulated in fp64, results rounded once to the buffer's dtype, noise from ``tsam_fast.rng`` (fp32
+normals whatever the buffer dtype). It runs on any device and floating dtype PyTorch supports and is the
+fallback when no fused backend runs a bucket. The formulas are those of docs/design.md §7.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from .base import Backend
 _F32 = torch.float32
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 math for fp32/bf16/fp16 buffers (the fused backends' contract); float64 stays float64."""
+    return torch.float64 if t.dtype == torch.float64 else _F32
+
+
 def _noise(runs, seed, n, device):
     """The bucket's noise as one fp32 buffer of ``n`` elements (generated, never cached); 0 outside the runs."""
     xi = torch.zeros(n, dtype=_F32, device=device)
@@ -23,52 +29,79 @@ def _noise(runs, seed, n, device):
     return xi
 
 
-class ReferenceBackend(Backend):
-    name = "reference"
+class ReferenceOps:
+    """The ops of the contract over plain tensors (see ``Backend`` for how the step engine calls them)."""
 
-    def noise_sqnorm(self, runs, seed, device):
+    @staticmethod
+    def noise_sqnorm(runs, seed, device):
+        """``sum(xi**2)`` over the runs: a 0-dim fp32 tensor on ``device``."""
         total = torch.zeros((), dtype=torch.float64, device=device)
         for _, glob_off, length in runs:
             total += rng.normal(seed, glob_off, length, device=device).double().square().sum()
         return total.to(_F32)
 
-    def sqnorm(self, x, scale=None):
+    @staticmethod
+    def sqnorm(x, scale=None):
+        """``sum((scale * x)**2)`` (``scale`` may be None): a 0-dim fp32 tensor."""
         y = x.double()
         if scale is not None:
             y = y * scale.double()
         return y.square().sum().to(_F32)
 
-    def perturb(self, theta, theta0, runs, seed, coef, save_backup):
+    @staticmethod
+    def perturb(theta, theta0, runs, seed, coef, save_backup):
+        """``theta0 <- theta`` if ``save_backup``; then ``theta <- theta0 + coef * xi`` (``theta0`` if no seed)."""
         if save_backup:
             theta0.copy_(theta)
         if seed is None:
             theta.copy_(theta0)
             return
         xi = _noise(runs, seed, theta.numel(), theta.device)
-        theta.copy_(theta0.to(_F32) + coef * xi)
+        ct = _compute_dtype(theta)
+        theta.copy_(theta0.to(ct) + coef.to(ct) * xi.to(ct))
 
-    def fill_noise(self, out, runs, seed, coef):
-        out.copy_(coef * _noise(runs, seed, out.numel(), out.device))
+    @staticmethod
+    def fill_noise(out, runs, seed, coef):
+        """``out <- coef * xi`` (``out``: fp32, float64 for float64 buckets)."""
+        out.copy_(coef.to(out.dtype) * _noise(runs, seed, out.numel(), out.device).to(out.dtype))
 
-    def leapfrog(self, theta, grad, kick, drift, momentum=None, precond=None):
-        g = grad.to(_F32)
+    @staticmethod
+    def leapfrog(theta, grad, kick, drift, momentum=None, precond=None):
+        """With ``momentum``: ``v <- v + kick*g; theta <- theta + drift*v``. Without: ``theta <- theta +
+        drift*kick*P*g`` with ``P = precond**2`` (or 1)."""
+        ct = _compute_dtype(theta)
+        g = grad.to(ct)
         if momentum is None:
-            step = kick * g
+            step = kick.to(ct) * g
             if precond is not None:
-                step = step * precond.to(_F32).square()
+                step = step * precond.to(ct).square()
         else:
-            momentum.add_(kick * g)
-            step = momentum
-        theta.copy_(theta.to(_F32) + drift * step)
+            momentum.add_(kick.to(momentum.dtype) * g.to(momentum.dtype))
+            step = momentum.to(ct)
+        theta.copy_(theta.to(ct) + drift.to(ct) * step)
 
-    def _accumulated(self, acc, grad, a, b, first):
-        update = b * grad.to(_F32)
-        return update if first else a * acc + update
+    @staticmethod
+    def _accumulated(acc, grad, a, b, first):
+        ct = acc.dtype  # fp32, or float64 for float64 buckets
+        update = b.to(ct) * grad.to(ct)
+        return update if first else a.to(ct) * acc + update
 
-    def tilt_accumulate(self, acc, grad, a, b, first, theta, theta0, runs, seed, coef):
-        acc.copy_(self._accumulated(acc, grad, a, b, first))
-        self.perturb(theta, theta0, runs, seed, coef, save_backup=False)
+    @staticmethod
+    def tilt_accumulate(acc, grad, a, b, first, theta, theta0, runs, seed, coef):
+        """``A <- a*A + b*g`` (``b*g`` when ``first``; A not read), then ``theta <- theta0 + coef*xi``."""
+        acc.copy_(ReferenceOps._accumulated(acc, grad, a, b, first))
+        ReferenceOps.perturb(theta, theta0, runs, seed, coef, save_backup=False)
 
-    def finalize(self, acc, grad, a, b, inv_z, first, theta, theta0):
-        grad.copy_(self._accumulated(acc, grad, a, b, first) * inv_z)
+    @staticmethod
+    def finalize(acc, grad, a, b, inv_z, first, theta, theta0):
+        """``grad <- (a*A + b*g) * inv_z`` (A not read when ``first``) and ``theta <- theta0``."""
+        grad.copy_(ReferenceOps._accumulated(acc, grad, a, b, first) * inv_z.to(acc.dtype))
         theta.copy_(theta0)
+
+
+#: every floating dtype: the reference runs float64 buckets too (in float64 math)
+REFERENCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def ReferenceBackend() -> Backend:  # noqa: N802 (kept as the historical constructor name)
+    return Backend("reference", ReferenceOps(), REFERENCE_DTYPES)

@@ -26,8 +26,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-class TritonBackend(Backend):
-    name = "triton"
+class TritonOps:
+    """The op contract as Triton launches: the launchers in eager mode, the registered ops under
+    ``torch.compile``."""
 
     def __init__(self, launch, ops):
         self._launch = launch
@@ -90,8 +91,8 @@ def probe():
                                    f"{getattr(triton, '__version__', '?')}: {type(exc).__name__}: {exc}")
     version = getattr(triton, "__version__", "?")
     if _interpreting():
-        return TritonBackend(launch, ops), BackendStatus(
+        return Backend("triton", TritonOps(launch, ops)), BackendStatus(
             "triton", True, ("cuda", "cpu"),
             f"triton {version} in interpreter mode (TRITON_INTERPRET=1): kernels also run, slowly, on CPU tensors")
-    return TritonBackend(launch, ops), BackendStatus(
+    return Backend("triton", TritonOps(launch, ops)), BackendStatus(
         "triton", True, ("cuda",), f"fused Triton kernels (triton {version})")
