@@ -1,0 +1,652 @@
+"""The step engine: the one owner of a TSAM step, whatever drives it.
+
+A step is a fixed sequence of gradient evaluations (docs/design.md §8). ``StepConfig`` is the validated,
+immutable description of that sequence; ``StepRun`` runs one step of it: it moves the parameters to the
+first evaluation point, and after each evaluation's loss is recorded it makes the move that evaluation
+calls for (the ascent step, a leapfrog step, or the tilt update fused with the next sample's random
+start); the last one leaves the tilted gradient in ``.grad`` and the parameters back at theta0, and
+``finish`` hands the base optimizer its step. ``TSAM.step(closure)`` and the closure-free loop
+(``TSAM.begin_step``) are two drivers of this same object.
+
+Everything a step needs is decided in ``StepRun.__init__``: the buckets and their backends, the per-group
+scalars, the finiteness policy (``Guard``). The step's scalars stay on the step's device as 0-dim
+tensors; the only host read is the guard's optional finiteness verdict in ``finish``.
+
+Abandoning a step at any point -- an exception, a ``break`` out of the loop, the run object being
+dropped, a misuse error -- leaves the parameters exactly at theta0, no gradients, and the optimizer
+state (step counter, base-optimizer state) unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from . import rng
+
+__all__ = ["StepConfig", "Evaluation", "StepRun", "NonFiniteLossError", "SAMPLERS", "STARTS"]
+
+SAMPLERS = ("ascent", "random", "hmc")
+STARTS = ("gaussian", "sphere", "ball", "none")
+ROLES = ("ascent", "leapfrog", "sample")
+# Added to norms before dividing, as in the widely used SAM implementations.
+_NORM_EPS = 1e-12
+_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient of the step was NaN or infinite; the step was undone (parameters back at theta0)."""
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def check_number(name: str, value, low: float = 0.0, allow_none: bool = False, strict: bool = False):
+    if value is None and allow_none:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
+            (value <= low if strict else value < low):
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ValueError(f"invalid {name}={value!r}: expected a finite number {bound}")
+    return float(value)
+
+
+def check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"invalid {name}={value!r}: expected an integer >= {low}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"invalid {name}={value!r}: expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_tilt(value):
+    return value if callable(value) else check_number("tilt", value)
+
+
+class Evaluation(NamedTuple):
+    """One gradient evaluation of a step, as the user's loop sees it.
+
+    ``index``: 0-based position in the step; ``sample``: the perturbation j it belongs to; ``role``:
+    ``"ascent"`` (its gradient gives the ascent direction of sample j), ``"leapfrog"`` (an HMC step of
+    sample j; ``substep`` is k of K) or ``"sample"`` (its loss and gradient enter the tilted average).
+    """
+
+    index: int
+    sample: int
+    role: str
+    substep: int = 0
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a step does, validated once: sampler, start, counts and the step-wide constants."""
+
+    num_samples: int = 3
+    sampler: str = "ascent"
+    start: str = "gaussian"
+    noise_scale: float = 1.0
+    adaptive: bool = False
+    max_grad_norm: Optional[float] = None
+    delta: float = 0.0
+    hmc_steps: int = 1
+    hmc_step_size: float = 0.01
+    hmc_sigma: float = 1.0
+    check_finite: bool = True
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "num_samples", check_int("num_samples", self.num_samples, 1))
+        set_(self, "sampler", check_choice("sampler", self.sampler, SAMPLERS))
+        set_(self, "start", check_choice("start", self.start, STARTS))
+        set_(self, "noise_scale", check_number("noise_scale", self.noise_scale))
+        set_(self, "adaptive", bool(self.adaptive))
+        if self.adaptive and self.sampler != "ascent":
+            raise ValueError(f"adaptive=True scales the ascent step; it needs sampler='ascent' (got {self.sampler!r})")
+        set_(self, "max_grad_norm", check_number("max_grad_norm", self.max_grad_norm, allow_none=True, strict=True))
+        set_(self, "delta", check_number("delta", self.delta))
+        set_(self, "hmc_steps", check_int("hmc_steps", self.hmc_steps, 1))
+        set_(self, "hmc_step_size", check_number("hmc_step_size", self.hmc_step_size))
+        set_(self, "hmc_sigma", check_number("hmc_sigma", self.hmc_sigma))
+        set_(self, "check_finite", bool(self.check_finite))
+        set_(self, "plan", self._plan())
+
+    def _plan(self) -> Tuple[Evaluation, ...]:
+        plan: List[Evaluation] = []
+        for j in range(self.num_samples):
+            if self.sampler == "ascent":
+                plan.append(Evaluation(len(plan), j, "ascent"))
+            elif self.sampler == "hmc":
+                base = len(plan)
+                plan.extend([Evaluation(base + k, j, "leapfrog", k) for k in range(self.hmc_steps)])
+            plan.append(Evaluation(len(plan), j, "sample"))
+        return tuple(plan)
+
+    @property
+    def evaluations_per_step(self) -> int:
+        return len(self.plan)
+
+
+# -- the tilt -------------------------------------------------------------------------------------
+
+
+class TiltState:
+    """Online log-sum-exp of the tilt, per distinct weight temperature tau = t - delta (docs/design.md §2).
+
+    Kept in loss units so that no exponent overflows for finite losses: r is the loss at which tau L is
+    largest so far (the max loss for tau >= 0, the min for tau < 0); r' = that after loss L;
+    a = exp(tau (r - r')), e = exp(tau (L - r')) (both exponents <= 0); Z <- a Z + e; the accumulator
+    update is A <- a A + e c g (c: the optional clip factor). Everything stays on the device.
+    """
+
+    def __init__(self, taus: List[float]):
+        self.taus = taus  # per param group
+        self.distinct = sorted(set(taus))
+        self.ref: Dict[float, torch.Tensor] = {}
+        self.z: Dict[float, torch.Tensor] = {}
+
+    def update(self, loss: torch.Tensor, clip: Optional[torch.Tensor]):
+        """Fold in one sample's loss; returns {tau: (a, b)} of ``A <- a A + b g`` (a unused at the first)."""
+        out = {}
+        for tau in self.distinct:
+            if tau not in self.ref:  # first sample: A is overwritten, a is unused
+                self.ref[tau], self.z[tau] = loss, torch.ones_like(loss)
+                a = e = self.z[tau]
+            elif tau == 0:  # plain average: every weight 1
+                a = e = torch.ones_like(loss)
+                self.z[tau] = self.z[tau] + 1
+            else:
+                ref = self.ref[tau]
+                new = torch.maximum(ref, loss) if tau > 0 else torch.minimum(ref, loss)
+                a, e = torch.exp((ref - new) * tau), torch.exp((loss - new) * tau)
+                self.ref[tau], self.z[tau] = new, self.z[tau] * a + e
+            out[tau] = (a, e if clip is None else e * clip)
+        return out
+
+    def inverse_normalizers(self) -> Dict[float, torch.Tensor]:
+        return {tau: 1.0 / self.z[tau] for tau in self.distinct}
+
+
+def shifted(losses: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau * (L - r) with r the loss maximising tau * L: softmax-equivalent to tau * L, never overflowing."""
+    if tau == 0:
+        return torch.zeros_like(losses)
+    return (losses - (losses.max() if tau > 0 else losses.min())) * tau
+
+
+def tilted_loss(losses: torch.Tensor, tilt: float) -> torch.Tensor:
+    """(1/t) log mean_j exp(t L_j) (the mean at t = 0), shifted by the max loss: t L may overflow fp32 for
+    finite L; log mean exp(x) as log1p(mean(expm1(x))) has no cancellation for small t (x near 0)."""
+    if tilt == 0:
+        return losses.mean()
+    return losses.max() + torch.log1p(torch.expm1(shifted(losses, tilt)).mean()) / tilt
+
+
+# -- the finiteness policy ------------------------------------------------------------------------
+
+
+class Guard:
+    """The step's finiteness policy, in one place: off, ``check_finite`` (raise and undo at the end of the
+    step; one host read), or a GradScaler (an overflowed gradient makes the scaler skip the step; an
+    overflowed ascent or leapfrog gradient never moves the parameters). The engine calls these hooks at
+    fixed points and never branches on the policy itself."""
+
+    def __init__(self, run: "StepRun", check_finite: bool, scaler):
+        self.run = run
+        self.check = check_finite
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        device = run.device
+        self.finite = torch.ones((), dtype=torch.bool, device=device) if check_finite else None
+        self.overflow = torch.zeros((), dtype=torch.bool, device=device) if self.scaler is not None else None
+
+    # what a gradient statistic's finiteness means: the scaler's skip, or a recorded error
+    def _gradient(self, value: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.scaler is not None:
+            ok = torch.isfinite(value)
+            self.overflow |= ~ok
+            return ok
+        if self.check:
+            self.finite &= torch.isfinite(value)
+        return None
+
+    def _grad_sum(self, which: str) -> torch.Tensor:
+        """One plain sum over every bucket's ``grad`` or ``momentum`` (a squared norm overflows sooner)."""
+        run = self.run
+        parts = [getattr(b, which).sum(dtype=torch.float32) for b in run.buckets]
+        return parts[0] if len(parts) == 1 else torch.stack([p.to(run.device) for p in parts]).sum()
+
+    def _sanitize(self) -> None:
+        for b in self.run.buckets:
+            b.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+    def inv_scale(self) -> torch.Tensor:
+        """1 / the GradScaler's current scale (set once the user has scaled a loss)."""
+        scale = self.scaler._get_scale_async()
+        if scale is None:
+            raise RuntimeError("grad_scaler was given but the closure (or loop) never called scaler.scale(loss): "
+                               "backpropagate scaler.scale(loss) and record (or return) the unscaled loss")
+        return 1.0 / scale.to(self.run.device, torch.float32)
+
+    def loss(self, loss: torch.Tensor) -> None:
+        if self.check:
+            self.finite &= torch.isfinite(loss)
+
+    def ascent_step(self, sqnorm: torch.Tensor) -> torch.Tensor:
+        """1 / ||g|| of the ascent direction (scale-free: a GradScaler's factor cancels); 0 when the
+        gradient overflowed under a scaler (the sample stays at its random start)."""
+        ok = self._gradient(sqnorm)
+        inv = 1.0 / (sqnorm.sqrt() + _NORM_EPS)
+        if ok is not None:
+            inv = torch.where(ok, inv, 0.0)
+            self._sanitize()
+        return inv
+
+    def leapfrog_kick(self, kick: torch.Tensor) -> torch.Tensor:
+        """The kick uses the gradient's magnitude: unscaled under a scaler, 0 if the gradient overflowed."""
+        if self.scaler is None:
+            return kick
+        ok = self._gradient(self._grad_sum("grad"))
+        kick = torch.where(ok, kick * self.inv_scale(), 0.0)
+        self._sanitize()
+        return kick
+
+    def after_leapfrogs(self) -> None:
+        """Every kick went into v: with check_finite, one sum of v checks them all."""
+        if self.scaler is None and self.check:
+            self._gradient(self._grad_sum("momentum"))
+
+    def clip_norm(self, sqnorm: torch.Tensor) -> torch.Tensor:
+        """The sample gradient's norm in unscaled units (its finiteness recorded)."""
+        norm = sqnorm.sqrt()
+        self._gradient(norm)
+        return norm * self.inv_scale() if self.scaler is not None else norm
+
+    def after_samples(self, clipped: bool) -> None:
+        """NaN/inf in any sample's gradient reaches the weighted sum (0 * inf is NaN too): one sum of the
+        final gradient catches it, unless clipping already measured every sample's gradient."""
+        if self.check and self.scaler is None and not clipped:
+            self._gradient(self._grad_sum("grad"))
+
+    def failed(self) -> bool:
+        """The step's one host read (check_finite only): was any loss or gradient non-finite?"""
+        return self.check and not bool(self.finite)
+
+    def base_step(self, base_optimizer) -> None:
+        if self.scaler is None:
+            base_optimizer.step()
+            return
+        self._mark_overflow()
+        self.scaler.step(base_optimizer)  # unscale_ once; skips the update on inf/NaN
+
+    def _mark_overflow(self) -> None:
+        """Make an overflow seen at an ascent/leapfrog gradient visible to the scaler's inf check: a NaN in
+        one element of the final gradient when (and only when) it happened. No host read."""
+        # a parameter the scaler will look at: one with a gradient this step (the others have grad None)
+        p = next((p for p in self.run.layout.params if p.grad is not None and p.grad.numel()), None)
+        if p is not None:
+            flag = self.overflow.to(p.device, non_blocking=p.device.type != "cpu")
+            p.grad[(0,) * p.grad.dim()].add_(torch.where(flag, float("nan"), 0.0).to(p.grad.dtype))
+
+
+# -- one step -------------------------------------------------------------------------------------
+
+
+class _Slot(NamedTuple):
+    """A bucket with the backend that runs it and the index of its per-group scalars."""
+
+    bucket: object
+    backend: object
+    group: int
+
+
+class StepRun:
+    """One TSAM step in progress. Made by ``TSAM.begin_step()``; iterate it for the evaluations, call
+    :meth:`record` with each evaluation's loss after its backward, then :meth:`finish`::
+
+        run = opt.begin_step()
+        for ev in run:                     # ev.role: "ascent" | "leapfrog" | "sample"
+            loss = criterion(model(x), y)
+            loss.backward()                # or accelerator.backward(loss), manual_backward(loss), ...
+            run.record(loss)
+        tilted_loss = run.finish()         # the base optimizer's step
+    """
+
+    def __init__(self, opt, layout, config: StepConfig):
+        self.opt, self.layout, self.config = opt, layout, config
+        self.buckets = layout.buckets
+        self.device = self.buckets[0].device  # where the step's scalars live
+        self.k = opt._step_count
+        groups = opt.param_groups
+        for i, group in enumerate(groups):  # values a scheduler or user may have written since
+            for key in ("rho", "radius"):
+                check_number(f"param_groups[{i}] {key}", group[key])
+        self.tilts = [opt._tilt_at(group) for group in groups]
+        self.taus = [t - config.delta for t in self.tilts]
+        self.slots = [_Slot(b, opt._backend_for(b.device, b.dtype), b.group_index) for b in self.buckets]
+        self.group0 = self.buckets[0].group_index
+        self.pg, self.world = _loss_group(opt.process_group)
+        self.guard = Guard(self, config.check_finite, opt.grad_scaler)
+        self.tilt = TiltState(self.taus)
+        self.losses: List[torch.Tensor] = []
+        self._scalars: Dict[float, torch.Tensor] = {}
+        self._position = 0          # index of the next evaluation
+        self._awaiting = False      # an evaluation was handed out and its loss not recorded yet
+        self._iterating = False
+        self._backed_up = False
+        self.by_closure = False     # driven by TSAM.step(closure): error messages speak of the closure
+        self.state = "running"      # -> "evaluated" -> "finished"; or "abandoned"
+        self.result: Optional[torch.Tensor] = None
+        self._begin()
+
+    # -- driving it -------------------------------------------------------------------------------
+
+    @property
+    def evaluations(self) -> Tuple[Evaluation, ...]:
+        """The step's evaluations, in order."""
+        return self.config.plan
+
+    @property
+    def evaluation(self) -> Optional[Evaluation]:
+        """The evaluation in progress (handed out, loss not recorded yet), else None."""
+        return self.config.plan[self._position] if self._awaiting else None
+
+    def __iter__(self) -> Iterator[Evaluation]:
+        if self._iterating or self._position:
+            self.abandon()
+            raise RuntimeError("a TSAM step is iterated once: this run's loop was already started (the step is "
+                               "abandoned; call opt.begin_step() for a new one)")
+        self._iterating = True
+        return self._evaluations()
+
+    def _evaluations(self) -> Iterator[Evaluation]:
+        plan = self.config.plan
+        try:
+            while self._position < len(plan):
+                self._require("running", "hand out the next evaluation")
+                self.layout.begin_call()
+                self._awaiting = True
+                yield plan[self._position]
+                if self._awaiting:
+                    self.abandon()
+                    raise RuntimeError(
+                        f"evaluation {self._position} ({plan[self._position].role}) of the TSAM step was not "
+                        "recorded: call run.record(loss) after its backward, before the next one (the step was "
+                        "abandoned: parameters restored)")
+        except GeneratorExit:  # the loop was left early: break, an exception, or the loop object dropped
+            self.abandon()
+            raise
+
+    def record(self, loss) -> None:
+        """The loss of the evaluation in progress, after its backward: validates both, then makes the move
+        this evaluation calls for."""
+        try:
+            if self.state != "running" or not self._awaiting:
+                raise RuntimeError(self._record_misuse())
+            loss = self._checked_loss(loss)
+            if not self.layout.end_call():
+                where = ("during the closure: it must call loss.backward() (TSAM zeroes gradients before each call "
+                         "itself)") if self.by_closure else (
+                    "in this evaluation: call loss.backward() (or your trainer's backward) before record(loss)")
+                raise RuntimeError(
+                    f"no parameter received a gradient {where}, on a loss computed from the parameters TSAM "
+                    "was given. If the model's parameters were replaced after TSAM was constructed "
+                    "(load_state_dict(..., assign=True), module.to(...) onto another device, re-created layers), "
+                    "construct TSAM again on model.parameters().")
+            # a copy: the user may later overwrite a buffer of their own
+            loss = loss.detach().reshape(()).to(device=self.device, dtype=torch.float32, copy=True,
+                                                non_blocking=self.device.type != "cpu")
+            self.guard.loss(loss)
+            self._awaiting = False
+            ev = self.config.plan[self._position]
+            self._position += 1
+            with torch.no_grad():
+                self._after(ev, loss)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def finish(self) -> torch.Tensor:
+        """End the step: the base optimizer's update from theta0 with the tilted gradient. Returns the tilted
+        loss estimate (0-dim tensor)."""
+        if self.state != "evaluated":
+            done = self.state in ("finished", "abandoned")
+            position = self._position
+            self.abandon()
+            if done:
+                raise RuntimeError(f"this TSAM step was already {self.state}; begin a new one with opt.begin_step()")
+            raise RuntimeError(
+                f"finish() was called after {position} of the step's {len(self.config.plan)} evaluations; record "
+                "every evaluation's loss first (the step was abandoned: parameters restored, state unchanged)")
+        opt = self.opt
+        self.layout.end_step()
+        losses = torch.stack(self.losses)
+        tau0, tilt0 = self.taus[self.group0], self.tilts[self.group0]
+        opt.last_losses = losses
+        opt.last_weights = torch.softmax(shifted(losses, tau0), dim=0)
+        tilted = tilted_loss(losses, tilt0)
+        self._release()
+        if self.guard.failed():  # check_finite's one host read
+            self.state = "abandoned"
+            for p in self.layout.params:
+                p.grad = None
+            raise NonFiniteLossError(
+                f"an evaluation of TSAM step {self.k} gave a non-finite loss or gradient (sample losses "
+                f"{losses.tolist()}); the parameters were restored and the optimizer state is unchanged. Lower "
+                "the learning rate, rho or radius, or check the data (check_finite=False lets non-finite values "
+                "through).")
+        self.guard.base_step(opt.base_optimizer)
+        opt._step_count += 1
+        self.state = "finished"
+        self.result = tilted
+        return tilted
+
+    def abandon(self) -> None:
+        """Undo the step: parameters back to theta0 exactly, no gradients left behind, state unchanged.
+        Idempotent; called on every error path and when the loop is left early."""
+        if self.state in ("finished", "abandoned"):
+            return
+        self.state = "abandoned"
+        self._awaiting = False
+        self.layout.active = False
+        if self._backed_up:
+            for b in self.buckets:
+                b.param.copy_(b.backup)
+        for p in self.layout.params:
+            p.grad = None
+        self._release()
+
+    def __del__(self):
+        try:
+            self.abandon()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def _release(self) -> None:
+        if self.opt._run is not None and self.opt._run() is self:
+            self.opt._run = None
+
+    def _require(self, state: str, what: str) -> None:
+        if self.state != state:
+            raise RuntimeError(f"cannot {what}: this TSAM step was {self.state}")
+
+    def _record_misuse(self) -> str:
+        if self.state != "running":
+            return f"record() on a TSAM step that was {'fully recorded' if self.state == 'evaluated' else self.state}"
+        if not self._iterating:
+            return "record() before the step's loop: iterate the run (for ev in run: ...) and record inside it"
+        return (f"the loss of evaluation {self._position - 1} was already recorded: record each evaluation once, "
+                "after its backward (the step was abandoned: parameters restored)")
+
+    def _checked_loss(self, loss) -> torch.Tensor:
+        # the messages speak of what the user wrote: a closure (TSAM.step) or a record() call
+        given, must = ("the closure returned", "the closure must return") if self.by_closure else \
+            ("record() got", "record() takes")
+        if loss is None:
+            raise ValueError(f"{given} None: it must {'return' if self.by_closure else 'be'} the loss (after "
+                             "calling loss.backward())")
+        if not isinstance(loss, torch.Tensor):
+            if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+                loss = torch.tensor(float(loss))
+            else:
+                raise TypeError(f"{must} the loss as a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"{must} a scalar loss, got shape {tuple(loss.shape)}; reduce it (e.g. .mean()) "
+                             "before backward")
+        if not loss.is_floating_point():
+            raise TypeError(f"{given} a {loss.dtype} loss; {'return' if self.by_closure else 'pass'} the "
+                            "floating-point loss tensor")
+        return loss
+
+    # -- the moves ----------------------------------------------------------------------------------
+
+    def _scalar(self, x: float) -> torch.Tensor:
+        t = self._scalars.get(x)
+        if t is None:
+            t = self._scalars[x] = torch.full((), x, dtype=torch.float32, device=self.device)
+        return t
+
+    def _on(self, value: torch.Tensor, bucket) -> torch.Tensor:
+        """A step scalar on a bucket's device (a no-op when they share the device)."""
+        if bucket.device == self.device:
+            return value
+        return value.to(bucket.device, non_blocking=bucket.device.type != "cpu")
+
+    def _per_group(self, values: List[torch.Tensor], slot: _Slot) -> torch.Tensor:
+        return self._on(values[slot.group], slot.bucket)
+
+    def _sum(self, parts: List[torch.Tensor]) -> torch.Tensor:
+        """One global sum of per-bucket reductions (one norm over all trainable parameters)."""
+        if len(parts) == 1:
+            return parts[0]
+        return torch.stack([p.to(self.device, non_blocking=self.device.type != "cpu") for p in parts]).sum()
+
+    def _grad_sqnorm(self, adaptive: bool = False) -> torch.Tensor:
+        return self._sum([s.backend.grad_sqnorm(s.bucket, adaptive) for s in self.slots])
+
+    def _start(self, j: int):
+        """Seed and per-group coefficient c of sample j's random start theta0 + c * xi."""
+        cfg, opt = self.config, self.opt
+        groups = opt.param_groups
+        if cfg.start == "none":
+            return None, [self._scalar(0.0)] * len(groups)
+        seed = rng.stream_seed(opt.seed, self.k, j, rng.STREAM_START)
+        norm = self._sum([s.backend.noise_sqnorm(s.bucket, seed) for s in self.slots]).sqrt().clamp_min(1e-30)
+        if cfg.start == "ball":  # radius r * u^(1/d), u ~ U(0, 1) drawn on the host from its own stream
+            u = rng.host_uniform(rng.stream_seed(opt.seed, self.k, j, rng.STREAM_RADIUS))
+            shrink = rng.log_uniform_radius(u, self.layout.trainable_numel)
+        coefs: Dict[float, torch.Tensor] = {}
+        out = []
+        for group in groups:
+            r = group["radius"]
+            if r not in coefs:
+                if cfg.start == "gaussian":  # noise_scale * xi, clipped to norm r
+                    coefs[r] = torch.clamp_max(r / norm, cfg.noise_scale)
+                elif cfg.start == "sphere":
+                    coefs[r] = r / norm
+                else:
+                    coefs[r] = (r * shrink) / norm
+            out.append(coefs[r])
+        return seed, out
+
+    def _begin(self) -> None:
+        self.layout.begin_step()
+        try:
+            with torch.no_grad():
+                seed, coefs = self._start(0)
+                for s in self.slots:
+                    s.backend.perturb(s.bucket, seed, self._per_group(coefs, s), save_backup=True)
+            self._backed_up = True
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _after(self, ev: Evaluation, loss: torch.Tensor) -> None:
+        cfg = self.config
+        if ev.role == "ascent":
+            # theta <- theta + rho * P g / ||T g|| (P = T^2, T = |theta0| if adaptive; else 1)
+            inv = self.guard.ascent_step(self._grad_sqnorm(cfg.adaptive))
+            kicks = [group["rho"] * inv for group in self.opt.param_groups]
+            one = self._scalar(1.0)
+            for s in self.slots:
+                s.backend.ascend(s.bucket, self._per_group(kicks, s), self._on(one, s.bucket), cfg.adaptive)
+        elif ev.role == "leapfrog":
+            self._leapfrog(ev)
+        else:
+            self._sample(ev.sample, loss)
+
+    def _leapfrog(self, ev: Evaluation) -> None:
+        """``hmc``: v ~ N(0, sigma^2 I) before the first kick; K kick-drift steps with the half kicks of
+        neighbours merged."""
+        cfg = self.config
+        if ev.substep == 0:
+            mseed = rng.stream_seed(self.opt.seed, self.k, ev.sample, rng.STREAM_MOMENTUM)
+            sigma = self._scalar(cfg.hmc_sigma)
+            for s in self.slots:
+                s.backend.draw_momentum(s.bucket, mseed, self._on(sigma, s.bucket))
+        kick = self.guard.leapfrog_kick(self._scalar(cfg.hmc_step_size * (0.5 if ev.substep == 0 else 1.0)))
+        alpha = self._scalar(cfg.hmc_step_size)
+        for s in self.slots:
+            s.backend.leapfrog(s.bucket, self._on(kick, s.bucket), self._on(alpha, s.bucket))
+        if ev.substep == cfg.hmc_steps - 1:
+            self.guard.after_leapfrogs()
+
+    def _sample(self, j: int, loss: torch.Tensor) -> None:
+        cfg = self.config
+        if self.world > 1:  # every rank must derive the same weights: average the loss over ranks
+            torch.distributed.all_reduce(loss, group=self.pg)
+            loss /= self.world
+        self.losses.append(loss)
+        clip = None
+        if cfg.max_grad_norm is not None:
+            norm = self.guard.clip_norm(self._grad_sqnorm())
+            clip = torch.clamp_max(cfg.max_grad_norm / (norm + _CLIP_EPS), 1.0)
+        ab = self.tilt.update(loss, clip)
+        first = j == 0
+        if j + 1 < cfg.num_samples:
+            seed, coefs = self._start(j + 1)
+            for s in self.slots:
+                a, b = ab[self.taus[s.group]]
+                s.backend.tilt_accumulate(s.bucket, self._on(a, s.bucket), self._on(b, s.bucket), first, seed,
+                                          self._per_group(coefs, s))
+            return
+        inv_z = self.tilt.inverse_normalizers()
+        for s in self.slots:
+            tau = self.taus[s.group]
+            a, b = ab[tau]
+            s.backend.finalize(s.bucket, self._on(a, s.bucket), self._on(b, s.bucket),
+                               self._on(inv_z[tau], s.bucket), first)
+        self.guard.after_samples(clipped=cfg.max_grad_norm is not None)
+        self.state = "evaluated"
+
+
+def _loss_group(process_group):
+    """(group, world size) over which sample losses are averaged; world size 1 means no all-reduce."""
+    if process_group is None:
+        return None, 1
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group == "auto":
+            return None, 1
+        raise RuntimeError("TSAM(process_group=...) was given but torch.distributed is not initialized; "
+                           "call torch.distributed.init_process_group first, or pass process_group=None")
+    group = None if process_group == "auto" else process_group
+    return group, dist.get_world_size(group)
+
+
+def live_run(opt) -> Optional[StepRun]:
+    """The optimizer's step in progress (held weakly: a dropped run abandons itself), or None."""
+    ref = opt._run
+    run = ref() if ref is not None else None
+    return run if run is not None and run.state in ("running", "evaluated") else None
+
+
+def register_run(opt, run: StepRun) -> None:
+    opt._run = weakref.ref(run)
