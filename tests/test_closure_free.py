@@ -1,0 +1,403 @@
+"""The closure-free API (``TSAM.begin_step``): the user's loop drives each gradient evaluation.
+
+It runs the same step engine as ``step(closure)``, so trajectories are bit-identical for every sampler
+and option; abandoning the loop at any point (exception, break, dropping the run) or misusing it leaves
+the parameters exactly at theta0, no gradients and the optimizer state unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from tsam_fast import TSAM, NonFiniteLossError, bn_update_once_per_step
+
+CONFIGS = {
+    "ascent": dict(),
+    "ascent-adaptive-clip": dict(adaptive=True, max_grad_norm=0.5, start="sphere"),
+    "random-ball": dict(sampler="random", start="ball"),
+    "hmc": dict(sampler="hmc", hmc_steps=2),
+    "sam": dict(num_samples=1, start="none"),
+    "t0-none": dict(tilt=0.0, start="none"),
+}
+BACKENDS = ["reference", "cpp"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _setup(backend="auto", groups=True, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    params = [dict(params=model[0].parameters(), rho=0.1), dict(params=model[2].parameters(), tilt=3.0)] \
+        if groups else model.parameters()
+    opt = TSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3, radius=0.2, seed=3,
+               backend=backend, **kw)
+    return model, x, y, opt
+
+
+def _loss(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _loop_step(opt, model, x, y):
+    run = opt.begin_step()
+    for _ in run:
+        loss = _loss(model, x, y)
+        loss.backward()
+        run.record(loss)
+    return run.finish()
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()), opt.step_count)
+
+
+def _assert_unchanged(model, opt, snap, grads_left=False):
+    params, sd, count = snap
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p.detach(), q), "the parameters are not back at theta0 bit for bit"
+        assert grads_left or p.grad is None, "a gradient was left behind"
+    assert opt.step_count == count
+    assert opt.closure_index is None
+    now = opt.state_dict()
+    for a, b in zip(now["state"].values(), sd["state"].values()):
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"optimizer state {key!r} changed"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_loop_is_bit_identical_to_closure(name, backend):
+    m1, x, y, o1 = _setup(backend, **CONFIGS[name])
+    m2, _, _, o2 = _setup(backend, **CONFIGS[name])
+
+    def closure():
+        loss = _loss(m1, x, y)
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        t1 = o1.step(closure)
+        t2 = _loop_step(o2, m2, x, y)
+        assert torch.equal(t1, t2)
+        assert torch.equal(o1.last_weights, o2.last_weights)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert o1.state_dict()["tsam"] == o2.state_dict()["tsam"]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_evaluations_roles_and_counts(name):
+    model, x, y, opt = _setup(**CONFIGS[name])
+    run = opt.begin_step()
+    seen = []
+    for ev in run:
+        assert opt.closure_index == ev.index == len(seen)
+        seen.append(ev)
+        loss = _loss(model, x, y)
+        loss.backward()
+        run.record(loss)
+    run.finish()
+    assert len(seen) == opt.evaluations_per_step == len(run.evaluations)
+    s = opt.num_samples
+    per = {"ascent": ["ascent", "sample"], "random": ["sample"], "hmc": ["leapfrog"] * opt.hmc_steps + ["sample"]}
+    assert [ev.role for ev in seen] == per[opt.sampler] * s
+    assert [ev.sample for ev in seen] == [j for j in range(s) for _ in per[opt.sampler]]
+
+
+def test_micro_batches_accumulate_into_one_evaluation():
+    """Several backwards in one evaluation add up: two half-batch means / 2 equal the full-batch mean."""
+    m1, x, y, o1 = _setup()
+    m2, _, _, o2 = _setup()
+    for _ in range(3):
+        _loop_step(o1, m1, x, y)
+        run = o2.begin_step()
+        for _ in run:
+            total = 0.0
+            for xs, ys in ((x[:5], y[:5]), (x[5:], y[5:])):
+                part = _loss(m2, xs, ys) / 2
+                part.backward()
+                total = total + part.detach()
+            run.record(total)
+        run.finish()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_grad_inside_an_evaluation_keeps_the_flat_views():
+    m1, x, y, o1 = _setup()
+    m2, _, _, o2 = _setup()
+    for _ in range(2):
+        _loop_step(o1, m1, x, y)
+        run = o2.begin_step()
+        for _ in run:
+            o2.zero_grad()          # the habit of many loops: harmless inside an evaluation
+            loss = _loss(m2, x, y)
+            loss.backward()
+            run.record(loss)
+        run.finish()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
+# -- abandoning the loop ------------------------------------------------------------------------
+
+POSITIONS = [(name, k) for name in ("ascent", "hmc", "random-ball") for k in range(6 if name != "random-ball" else 3)]
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name,position", POSITIONS)
+@pytest.mark.parametrize("how", ["exception", "break", "drop", "abandon"])
+def test_leaving_the_loop_restores_theta0(name, position, how):
+    model, x, y, opt = _setup(**CONFIGS[name])
+    _loop_step(opt, model, x, y)  # base-optimizer state exists
+    snap = _snapshot(model, opt)
+    run = opt.begin_step()
+    try:
+        for ev in run:
+            loss = _loss(model, x, y)
+            loss.backward()
+            if ev.index == position:
+                if how == "exception":
+                    raise Boom()
+                if how == "abandon":
+                    run.abandon()
+                break
+            run.record(loss)
+    except Boom:
+        pass
+    if how == "drop":
+        del run
+        gc.collect()
+    _assert_unchanged(model, opt, snap)
+    if how != "drop":
+        with pytest.raises(RuntimeError, match="abandoned"):
+            run.finish()
+    _loop_step(opt, model, x, y)  # the next step runs normally
+    assert opt.step_count == snap[2] + 1
+
+
+def test_dropping_a_run_before_its_loop_restores_theta0():
+    model, x, y, opt = _setup()
+    snap = _snapshot(model, opt)
+    run = opt.begin_step()
+    assert not torch.equal(next(model.parameters()).detach(), snap[0][0])  # perturbed to the first point
+    del run
+    gc.collect()
+    _assert_unchanged(model, opt, snap)
+
+
+# -- misuse: a clear error, nothing lost ---------------------------------------------------------
+
+
+def _record_twice(opt, model, x, y):
+    run = opt.begin_step()
+    for _ in run:
+        loss = _loss(model, x, y)
+        loss.backward()
+        run.record(loss)
+        run.record(loss)
+
+
+def _finish_early(opt, model, x, y):
+    run = opt.begin_step()
+    for ev in run:
+        loss = _loss(model, x, y)
+        loss.backward()
+        run.record(loss)
+        if ev.index == 2:
+            break
+    run.finish()
+
+
+def _finish_inside(opt, model, x, y):
+    run = opt.begin_step()
+    for _ in run:
+        loss = _loss(model, x, y)
+        loss.backward()
+        run.record(loss)
+        run.finish()
+
+
+def _step_inside_step(opt, model, x, y):
+    run = opt.begin_step()
+    for _ in run:
+        opt.begin_step()
+
+
+def _closure_step_inside_loop(opt, model, x, y):
+    run = opt.begin_step()
+    for _ in run:
+        opt.step(lambda: (l := _loss(model, x, y)).backward() or l)
+
+
+def _no_backward(opt, model, x, y):
+    run = opt.begin_step()
+    for _ in run:
+        run.record(_loss(model, x, y))
+
+
+def _record_before_loop(opt, model, x, y):
+    run = opt.begin_step()
+    loss = _loss(model, x, y)
+    loss.backward()
+    run.record(loss)
+
+
+def _skip_record(opt, model, x, y):
+    run = opt.begin_step()
+    for _ in run:
+        _loss(model, x, y).backward()
+
+
+def _iterate_twice(opt, model, x, y):
+    run = opt.begin_step()
+    for _ in run:
+        loss = _loss(model, x, y)
+        loss.backward()
+        run.record(loss)
+        break
+    for _ in run:
+        pass
+
+
+def _finish_twice(opt, model, x, y):
+    run = opt.begin_step()
+    for _ in run:
+        loss = _loss(model, x, y)
+        loss.backward()
+        run.record(loss)
+    run.finish()
+    snap = _snapshot(model, opt)
+    try:
+        run.finish()
+    finally:
+        _assert_unchanged(model, opt, snap, grads_left=True)  # the finished step's gradient stays
+
+
+def _nan_loss(opt, model, x, y):
+    run = opt.begin_step()
+    for ev in run:
+        loss = _loss(model, x, y)
+        loss.backward()
+        run.record(loss * float("nan") if ev.index == 1 else loss)
+    run.finish()
+
+
+def _non_scalar(opt, model, x, y):
+    run = opt.begin_step()
+    for _ in run:
+        loss = _loss(model, x, y)
+        loss.backward()
+        run.record(torch.stack([loss, loss]))
+
+
+MISUSE = {
+    "record-twice": (_record_twice, RuntimeError, "already recorded"),
+    "finish-early": (_finish_early, RuntimeError, "abandoned|after 3 of the step's 6 evaluations"),
+    "finish-inside-loop": (_finish_inside, RuntimeError, "after 1 of the step's 6 evaluations"),
+    "step-inside-step": (_step_inside_step, RuntimeError, "already in progress"),
+    "closure-step-inside-loop": (_closure_step_inside_loop, RuntimeError, "already in progress"),
+    "no-backward": (_no_backward, RuntimeError, r"no parameter received a gradient in this evaluation"),
+    "record-before-loop": (_record_before_loop, RuntimeError, "before the step's loop"),
+    "skip-record": (_skip_record, RuntimeError, "was not recorded"),
+    "iterate-twice": (_iterate_twice, RuntimeError, "iterated once"),
+    "finish-twice": (_finish_twice, RuntimeError, "already finished"),
+    "nan-loss": (_nan_loss, NonFiniteLossError, "non-finite"),
+    "non-scalar": (_non_scalar, ValueError, r"record\(\) takes a scalar loss"),
+}
+
+
+@pytest.mark.parametrize("name", list(MISUSE))
+def test_misuse_is_a_clear_error_and_loses_nothing(name):
+    fn, exc, match = MISUSE[name]
+    model, x, y, opt = _setup()
+    _loop_step(opt, model, x, y)
+    snap = _snapshot(model, opt) if name != "finish-twice" else None
+    with pytest.raises(exc, match=match):
+        fn(opt, model, x, y)
+    gc.collect()
+    if snap is not None:
+        _assert_unchanged(model, opt, snap)
+    before = opt.step_count
+    _loop_step(opt, model, x, y)  # nothing is stuck: the next step runs
+    assert opt.step_count == before + 1
+
+
+# -- trainers that own the backward -------------------------------------------------------------
+
+
+def test_grad_scaler_in_the_loop_matches_the_closure():
+    """``scaler.scale(loss).backward()`` in the loop, the unscaled loss recorded: as with a closure."""
+    results = []
+    for drive in ("closure", "loop"):
+        model, x, y, opt = _setup(groups=False)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        opt.grad_scaler = scaler
+        for _ in range(3):
+            if drive == "closure":
+                def closure():
+                    loss = _loss(model, x, y)
+                    scaler.scale(loss).backward()
+                    return loss
+                opt.step(closure)
+            else:
+                run = opt.begin_step()
+                for _ in run:
+                    loss = _loss(model, x, y)
+                    scaler.scale(loss).backward()
+                    run.record(loss)
+                run.finish()
+            scaler.update()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_batch_norm_once_per_step_in_the_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    bn_update_once_per_step(model, opt)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    for _ in range(3):
+        _loop_step(opt, model, x, y)
+    assert int(model[1].num_batches_tracked) == 3
+
+
+def test_lightning_style_manual_optimization():
+    """The README's sketch: the trainer owns the backward (here a stand-in for ``manual_backward``)."""
+    model, x, y, opt = _setup(groups=False)
+    backwards = []
+
+    def manual_backward(loss):
+        backwards.append(1)
+        loss.backward()
+
+    def training_step(batch):
+        run = opt.begin_step()
+        for _ in run:
+            loss = _loss(model, *batch)
+            manual_backward(loss)
+            run.record(loss)
+        return run.finish()
+
+    first = float(training_step((x, y)))
+    for _ in range(20):
+        last = float(training_step((x, y)))
+    assert last < first
+    assert len(backwards) == 21 * opt.evaluations_per_step
