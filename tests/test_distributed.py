@@ -1,4 +1,4 @@
-"""Data parallelism (spec section 6): DDP with 2 gloo ranks on CPU, each holding half the batch, matches
+"""Data parallelism (docs/design.md §6): DDP with 2 gloo ranks on CPU, each holding half the batch, matches
 single-process TSAM on the full batch, and all ranks hold identical parameters afterwards.
 
 On a GPU (bench/gpu_check.sh) the same test runs on CUDA parameters (Triton backend): over NCCL with one
@@ -8,6 +8,7 @@ rank (DDP's NCCL bucket all-reduce writing into TSAM's flat gradient views)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -37,7 +38,24 @@ def _data():
     return torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
 
 
-def _train(model, x, y, backend, sampler, bn=False):
+def _loop_step(opt, model, x, y):
+    """The README's closure-free recipe with gradient accumulation: two micro-batches per evaluation, the
+    first backward under DDP's ``no_sync`` (no all-reduce), the second synchronising the sum."""
+    run = opt.begin_step()
+    half = x.shape[0] // 2
+    for _ in run:
+        total = 0.0
+        for i, (xs, ys) in enumerate(((x[:half], y[:half]), (x[half:], y[half:]))):
+            sync = i == 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                loss = nn.functional.cross_entropy(model(xs), ys) / 2
+                loss.backward()
+            total = total + loss.detach()
+        run.record(total)
+    return run.finish()
+
+
+def _train(model, x, y, backend, sampler, bn=False, loop=False):
     x, y = x.to(next(model.parameters()).device), y.to(next(model.parameters()).device)
     opt = TSAM(model.parameters(), torch.optim.SGD, backend=backend, sampler=sampler, **KW)
     if bn:
@@ -48,12 +66,12 @@ def _train(model, x, y, backend, sampler, bn=False):
         loss.backward()
         return loss
 
-    losses = [opt.step(closure) for _ in range(STEPS)]
+    losses = [_loop_step(opt, model, x, y) if loop else opt.step(closure) for _ in range(STEPS)]
     return ([p.detach().cpu().clone() for p in model.parameters()], torch.stack(losses).cpu(),
             [b.detach().cpu().clone() for b in model.buffers()])
 
 
-def _worker(rank, world, port, backend, sampler, bucket_view, out, comm="gloo", device="cpu", bn=False):
+def _worker(rank, world, port, backend, sampler, bucket_view, out, comm="gloo", device="cpu", bn=False, loop=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if device == "cuda":
@@ -67,7 +85,7 @@ def _worker(rank, world, port, backend, sampler, bucket_view, out, comm="gloo", 
         model = nn.parallel.DistributedDataParallel(_model(bn).to(device), device_ids=ids,
                                                     gradient_as_bucket_view=bucket_view)
         params, losses, buffers = _train(model, x[rank * half:(rank + 1) * half],
-                                         y[rank * half:(rank + 1) * half], backend, sampler, bn)
+                                         y[rank * half:(rank + 1) * half], backend, sampler, bn, loop)
         torch.save({"params": params, "losses": losses, "buffers": buffers}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -79,9 +97,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device="cpu", tol=1e-5, bn=False):
+def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device="cpu", tol=1e-5, bn=False,
+             loop=False):
     mp.start_processes(_worker, args=(world, _free_port(), backend, sampler, bucket_view, str(tmp_path), comm,
-                                      device, bn), nprocs=world, join=True, start_method="spawn")
+                                      device, bn, loop), nprocs=world, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for other in ranks[1:]:
         for a, b in zip(ranks[0]["params"], other["params"]):
@@ -101,6 +120,13 @@ def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device
     ("auto", "ascent", False), ("auto", "ascent", True), ("reference", "hmc", False)])
 def test_ddp_matches_single_process(tmp_path, backend, sampler, bucket_view):
     _run_ddp(tmp_path, 2, backend, sampler, bucket_view)
+
+
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_ddp_closure_free_loop_with_no_sync_accumulation(tmp_path, bucket_view):
+    """begin_step() with two micro-batches per evaluation (the first under no_sync) on 2 ranks equals one
+    process stepping on the whole batch with a closure."""
+    _run_ddp(tmp_path, 2, "auto", "ascent", bucket_view, loop=True)
 
 
 def test_ddp_with_batch_norm(tmp_path):
