@@ -220,7 +220,7 @@ class Guard:
     def _grad_sum(self, which: str) -> torch.Tensor:
         """One plain sum over every bucket's ``grad`` or ``momentum`` (a squared norm overflows sooner)."""
         run = self.run
-        parts = [getattr(b, which).sum(dtype=torch.float32) for b in run.buckets]
+        parts = [getattr(b, which).sum(dtype=run.dtype) for b in run.buckets]
         return parts[0] if len(parts) == 1 else torch.stack([p.to(run.device) for p in parts]).sum()
 
     def _sanitize(self) -> None:
@@ -233,7 +233,7 @@ class Guard:
         if scale is None:
             raise RuntimeError("grad_scaler was given but the closure (or loop) never called scaler.scale(loss): "
                                "backpropagate scaler.scale(loss) and record (or return) the unscaled loss")
-        return 1.0 / scale.to(self.run.device, torch.float32)
+        return 1.0 / scale.to(self.run.device, self.run.dtype)
 
     def loss(self, loss: torch.Tensor) -> None:
         if self.check:
@@ -323,6 +323,8 @@ class StepRun:
         self.opt, self.layout, self.config = opt, layout, config
         self.buckets = layout.buckets
         self.device = self.buckets[0].device  # where the step's scalars live
+        # their dtype: fp32, or float64 when a bucket is float64 (its step keeps float64 precision)
+        self.dtype = torch.float64 if any(b.dtype == torch.float64 for b in self.buckets) else torch.float32
         self.k = opt._step_count
         groups = opt.param_groups
         for i, group in enumerate(groups):  # values a scheduler or user may have written since
@@ -401,7 +403,7 @@ class StepRun:
                     "(load_state_dict(..., assign=True), module.to(...) onto another device, re-created layers), "
                     "construct TSAM again on model.parameters().")
             # a copy: the user may later overwrite a buffer of their own
-            loss = loss.detach().reshape(()).to(device=self.device, dtype=torch.float32, copy=True,
+            loss = loss.detach().reshape(()).to(device=self.device, dtype=self.dtype, copy=True,
                                                 non_blocking=self.device.type != "cpu")
             self.guard.loss(loss)
             self._awaiting = False
@@ -510,14 +512,16 @@ class StepRun:
     def _scalar(self, x: float) -> torch.Tensor:
         t = self._scalars.get(x)
         if t is None:
-            t = self._scalars[x] = torch.full((), x, dtype=torch.float32, device=self.device)
+            t = self._scalars[x] = torch.full((), x, dtype=self.dtype, device=self.device)
         return t
 
     def _on(self, value: torch.Tensor, bucket) -> torch.Tensor:
-        """A step scalar on a bucket's device (a no-op when they share the device)."""
-        if bucket.device == self.device:
+        """A step scalar on a bucket's device, in its scalar dtype (fp32 unless the bucket is float64); a
+        no-op in the usual case of one device and dtype."""
+        dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+        if bucket.device == self.device and dtype == self.dtype:
             return value
-        return value.to(bucket.device, non_blocking=bucket.device.type != "cpu")
+        return value.to(bucket.device, dtype, non_blocking=bucket.device.type != "cpu")
 
     def _per_group(self, values: List[torch.Tensor], slot: _Slot) -> torch.Tensor:
         return self._on(values[slot.group], slot.bucket)
@@ -525,8 +529,9 @@ class StepRun:
     def _sum(self, parts: List[torch.Tensor]) -> torch.Tensor:
         """One global sum of per-bucket reductions (one norm over all trainable parameters)."""
         if len(parts) == 1:
-            return parts[0]
-        return torch.stack([p.to(self.device, non_blocking=self.device.type != "cpu") for p in parts]).sum()
+            return parts[0] if parts[0].dtype == self.dtype else parts[0].to(self.dtype)
+        return torch.stack([p.to(self.device, self.dtype, non_blocking=self.device.type != "cpu")
+                            for p in parts]).sum()
 
     def _grad_sqnorm(self, adaptive: bool = False) -> torch.Tensor:
         return self._sum([s.backend.grad_sqnorm(s.bucket, adaptive) for s in self.slots])

@@ -34,19 +34,21 @@ class ReferenceOps:
 
     @staticmethod
     def noise_sqnorm(runs, seed, device):
-        """``sum(xi**2)`` over the runs: a 0-dim fp32 tensor on ``device``."""
+        """``sum(xi**2)`` over the runs, accumulated and returned in fp64 on ``device`` (the fused backends
+        return it rounded to fp32; the engine rounds it to its scalar dtype, so float64 steps keep it)."""
         total = torch.zeros((), dtype=torch.float64, device=device)
         for _, glob_off, length in runs:
             total += rng.normal(seed, glob_off, length, device=device).double().square().sum()
-        return total.to(_F32)
+        return total
 
     @staticmethod
     def sqnorm(x, scale=None):
-        """``sum((scale * x)**2)`` (``scale`` may be None): a 0-dim fp32 tensor."""
+        """``sum((scale * x)**2)`` (``scale`` may be None), accumulated in fp64: a 0-dim fp32 tensor
+        (float64 for a float64 ``x``)."""
         y = x.double()
         if scale is not None:
             y = y * scale.double()
-        return y.square().sum().to(_F32)
+        return y.square().sum().to(_compute_dtype(x))
 
     @staticmethod
     def perturb(theta, theta0, runs, seed, coef, save_backup):
