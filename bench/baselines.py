@@ -302,7 +302,7 @@ class ForeachTSAM(_NoisyBaseline):
 
     The accumulator is kept normalized, ``A = sum_j w_j g_j`` under the weights seen so far, so each
     sample folds in with one ``lerp``: with ``Z' = a Z + e`` (``a = exp(m - m')``, ``e = exp(tL - m')``)
-    the new weight of ``g`` is ``e / Z'`` and ``A <- lerp(A, g, e / Z')`` (spec section 2's streaming
+    the new weight of ``g`` is ``e / Z'`` and ``A <- lerp(A, g, e / Z')`` (docs/design.md §2's streaming
     form divided by Z). The gradient buffers are idle between the tilt update and the next closure,
     so the random start's noise is drawn into them.
     """

@@ -56,7 +56,7 @@ class CheckFailed(RuntimeError):
 
 # -- the bandwidth floor ------------------------------------------------------------------------
 
-# Passes over d fp32 elements of one TSAM step with the ``ascent`` sampler (TSAM_SPEC.md section 5).
+# Passes over d fp32 elements of one TSAM step with the ``ascent`` sampler (docs/design.md §5).
 #   per sample (11): ||g0||^2 reads g (1); theta += k*g0 reads theta, g, writes theta (3);
 #                    tilt update fused with the next random start reads A, g, theta0, writes A, theta (5);
 #                    zeroing the gradient before each of the 2 backwards (2)
@@ -68,7 +68,7 @@ PASSES_PER_STEP = 9
 
 
 def floor_bytes(numel: int, num_samples: int, elem_bytes: int = 4) -> int:
-    """Minimum memory traffic of one TSAM step over ``numel`` fp32 parameters (spec section 5).
+    """Minimum memory traffic of one TSAM step over ``numel`` fp32 parameters (docs/design.md §5).
 
     ``(11 * s + 9) * d * 4`` bytes: 42 passes for s = 3. Noise is generated, not read, so it adds no
     traffic. Divided by the measured copy bandwidth this is the time no implementation can beat;
@@ -641,7 +641,7 @@ def markdown(record: dict) -> str:
                       f"{st['median'] / erm['step_ms']['median']:.2f}×" if erm else "–"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("overhead = step − calls × forward/backward (measured in the same run); floor = spec section 5 "
+    lines.append("overhead = step − calls × forward/backward (measured in the same run); floor = docs/design.md §5 "
                  "bytes ÷ measured copy bandwidth; extra mem = tensors the method holds beyond parameters, "
                  "gradients and base-optimizer state. Baselines timed with "
                  f"{record['config']['baseline_noise']} noise; every row matched the reference before timing.")

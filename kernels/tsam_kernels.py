@@ -1,6 +1,6 @@
 """The @triton.jit kernels of the Triton backend: one kernel per op of the contract (``backends/base.py``).
 
-Layout of the work (``TSAM_SPEC.md`` section 5):
+Layout of the work (docs/design.md §5):
 
 * Plain ops (``sqnorm``, ``leapfrog``, ``finalize``) cut the bucket into tiles of ``BLOCK`` buffer
   positions.
@@ -82,7 +82,7 @@ def _noise_span(tile, runs_ptr, n_runs, search_steps, a_start, shift, g_lo, g_hi
 def _noise_tile(seed, g_start, BLOCK: tl.constexpr):
     """Standard normals of global elements ``g_start .. g_start + BLOCK - 1`` (``g_start % 4 == 0``).
 
-    Element ``g`` takes normal ``g % 4`` of ``tl.randn4x(seed, g // 4)`` (spec section 4).
+    Element ``g`` takes normal ``g % 4`` of ``tl.randn4x(seed, g // 4)`` (docs/design.md §4).
     """
     counters = g_start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
     n1, n2, n3, n4 = tl.randn4x(seed, counters)

@@ -3,7 +3,7 @@
 It shares only the noise definition with the package (``tsam_fast.rng.normal`` at each parameter's
 global offset; the generator itself is tested against known answers and Triton). Everything else --
 the random-start geometry, the ascent and leapfrog steps, the weights, the restore -- is written
-again from the spec, so the package's streaming, flat-buffer implementation is checked against it.
+again from docs/design.md, so the package's streaming, flat-buffer implementation is checked against it.
 """
 
 from __future__ import annotations

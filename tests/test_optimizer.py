@@ -1,4 +1,4 @@
-"""TSAM (reference backend) against the independent naive implementation and the spec's special cases."""
+"""TSAM (reference backend) against the independent naive implementation and the special cases of docs/design.md §3."""
 
 from __future__ import annotations
 

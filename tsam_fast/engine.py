@@ -182,12 +182,14 @@ def shifted(losses: torch.Tensor, tau: float) -> torch.Tensor:
     return (losses - (losses.max() if tau > 0 else losses.min())) * tau
 
 
-def tilted_loss(losses: torch.Tensor, tilt: float) -> torch.Tensor:
+def tilted_loss(losses: torch.Tensor, tilt: float, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(1/t) log mean_j exp(t L_j) (the mean at t = 0), shifted by the max loss: t L may overflow fp32 for
-    finite L; log mean exp(x) as log1p(mean(expm1(x))) has no cancellation for small t (x near 0)."""
+    finite L; log mean exp(x) as log1p(mean(expm1(x))) has no cancellation for small t (x near 0).
+    ``shift``: ``shifted(losses, tilt)`` if already computed."""
     if tilt == 0:
         return losses.mean()
-    return losses.max() + torch.log1p(torch.expm1(shifted(losses, tilt)).mean()) / tilt
+    x = shifted(losses, tilt) if shift is None else shift
+    return losses.max() + torch.log1p(torch.expm1(x).mean()) / tilt
 
 
 # -- the finiteness policy ------------------------------------------------------------------------
@@ -243,7 +245,7 @@ class Guard:
         """1 / ||g|| of the ascent direction (scale-free: a GradScaler's factor cancels); 0 when the
         gradient overflowed under a scaler (the sample stays at its random start)."""
         ok = self._gradient(sqnorm)
-        inv = 1.0 / (sqnorm.sqrt() + _NORM_EPS)
+        inv = (sqnorm.sqrt() + _NORM_EPS).reciprocal()
         if ok is not None:
             inv = torch.where(ok, inv, 0.0)
             self._sanitize()
@@ -338,7 +340,8 @@ class StepRun:
         self.guard = Guard(self, config.check_finite, opt.grad_scaler)
         self.tilt = TiltState(self.taus)
         self.losses: List[torch.Tensor] = []
-        self._scalars: Dict[float, torch.Tensor] = {}
+        # constant step scalars (1, 0, HMC sizes), kept by the optimizer across steps: never written to
+        self._scalars: Dict[float, torch.Tensor] = opt._constants.setdefault((self.device, self.dtype), {})
         self._position = 0          # index of the next evaluation
         self._awaiting = False      # an evaluation was handed out and its loss not recorded yet
         self._iterating = False
@@ -403,8 +406,10 @@ class StepRun:
                     "(load_state_dict(..., assign=True), module.to(...) onto another device, re-created layers), "
                     "construct TSAM again on model.parameters().")
             # a copy: the user may later overwrite a buffer of their own
-            loss = loss.detach().reshape(()).to(device=self.device, dtype=self.dtype, copy=True,
-                                                non_blocking=self.device.type != "cpu")
+            if loss.dim():
+                loss = loss.reshape(())
+            loss = loss.detach().to(device=self.device, dtype=self.dtype, copy=True,
+                                    non_blocking=self.device.type != "cpu")
             self.guard.loss(loss)
             self._awaiting = False
             ev = self.config.plan[self._position]
@@ -432,8 +437,9 @@ class StepRun:
         losses = torch.stack(self.losses)
         tau0, tilt0 = self.taus[self.group0], self.tilts[self.group0]
         opt.last_losses = losses
-        opt.last_weights = torch.softmax(shifted(losses, tau0), dim=0)
-        tilted = tilted_loss(losses, tilt0)
+        shift = shifted(losses, tau0)
+        opt.last_weights = torch.softmax(shift, dim=0)
+        tilted = tilted_loss(losses, tilt0, shift if tau0 == tilt0 else None)
         self._release()
         if self.guard.failed():  # check_finite's one host read
             self.state = "abandoned"
@@ -543,7 +549,8 @@ class StepRun:
         if cfg.start == "none":
             return None, [self._scalar(0.0)] * len(groups)
         seed = rng.stream_seed(opt.seed, self.k, j, rng.STREAM_START)
-        norm = self._sum([s.backend.noise_sqnorm(s.bucket, seed) for s in self.slots]).sqrt().clamp_min(1e-30)
+        inv_norm = self._sum([s.backend.noise_sqnorm(s.bucket, seed) for s in self.slots]).sqrt().clamp_min(1e-30) \
+            .reciprocal()
         if cfg.start == "ball":  # radius r * u^(1/d), u ~ U(0, 1) drawn on the host from its own stream
             u = rng.host_uniform(rng.stream_seed(opt.seed, self.k, j, rng.STREAM_RADIUS))
             shrink = rng.log_uniform_radius(u, self.layout.trainable_numel)
@@ -553,11 +560,11 @@ class StepRun:
             r = group["radius"]
             if r not in coefs:
                 if cfg.start == "gaussian":  # noise_scale * xi, clipped to norm r
-                    coefs[r] = torch.clamp_max(r / norm, cfg.noise_scale)
+                    coefs[r] = torch.clamp_max(inv_norm * r, cfg.noise_scale)
                 elif cfg.start == "sphere":
-                    coefs[r] = r / norm
+                    coefs[r] = inv_norm * r
                 else:
-                    coefs[r] = (r * shrink) / norm
+                    coefs[r] = inv_norm * (r * shrink)
             out.append(coefs[r])
         return seed, out
 
@@ -578,7 +585,11 @@ class StepRun:
         if ev.role == "ascent":
             # theta <- theta + rho * P g / ||T g|| (P = T^2, T = |theta0| if adaptive; else 1)
             inv = self.guard.ascent_step(self._grad_sqnorm(cfg.adaptive))
-            kicks = [group["rho"] * inv for group in self.opt.param_groups]
+            by_rho: Dict[float, torch.Tensor] = {}
+            for group in self.opt.param_groups:
+                if group["rho"] not in by_rho:
+                    by_rho[group["rho"]] = inv * group["rho"]
+            kicks = [by_rho[group["rho"]] for group in self.opt.param_groups]
             one = self._scalar(1.0)
             for s in self.slots:
                 s.backend.ascend(s.bucket, self._per_group(kicks, s), self._on(one, s.bucket), cfg.adaptive)

@@ -69,7 +69,7 @@ class TSAM(torch.optim.Optimizer):
             inf/NaN) and the caller runs ``scaler.update()`` after it. A sample whose gradient overflows
             makes the step skip with the parameters restored; the ascent and leapfrog steps never move
             the parameters along an overflowed gradient.
-        process_group: data parallelism (spec section 6): each sample's loss is averaged over the ranks
+        process_group: data parallelism (docs/design.md §6): each sample's loss is averaged over the ranks
             of this group (one scalar all-reduce per sample, no host sync on NCCL) before it enters the
             tilt, so every rank derives the same weights; the gradients are already averaged by DDP and
             every rank draws the same noise from the same seed. ``"auto"`` (default) uses the default
@@ -115,6 +115,7 @@ class TSAM(torch.optim.Optimizer):
         self._backends: Dict[Tuple[torch.device, torch.dtype], object] = {}
         self._step_count = 0
         self._run = None  # weak reference to the step in progress (tsam_fast.engine.live_run)
+        self._constants: Dict = {}  # (device, dtype) -> constant step scalars (tsam_fast.engine.StepRun)
         self.last_losses: Optional[torch.Tensor] = None
         self.last_weights: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
@@ -216,11 +217,13 @@ class TSAM(torch.optim.Optimizer):
         state["_layout"] = None
         state["_backends"] = {}
         state["_run"] = None
+        state["_constants"] = {}
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_run", None)
+        self.__dict__.setdefault("_constants", {})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``; inside an evaluation of a step it zeroes the flat views and keeps them attached."""

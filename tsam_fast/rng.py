@@ -1,6 +1,6 @@
-"""Counter-based noise: the spec's Philox4x32-10 + Box-Muller, in plain PyTorch integer ops.
+"""Counter-based noise: the Philox4x32-10 of docs/design.md §4 + Box-Muller, in plain PyTorch integer ops.
 
-This is the definition every backend reproduces (``TSAM_SPEC.md`` section 4):
+This is the definition every backend reproduces (docs/design.md §4):
 
 * The normal for global flat element ``i`` of one noise stream comes from Philox4x32 with 10 rounds,
   key = (seed low 32 bits, seed high 32 bits), counter = (c low, c high, 0, 0) with ``c = i // 4``.
