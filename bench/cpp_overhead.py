@@ -3,10 +3,9 @@
 the bandwidth floor -- all measured in this one run (issue 3's performance check).
 
     python bench/cpp_overhead.py              # ~10M-parameter fp32 MLP, s=3, ascent
-    python bench/cpp_overhead.py --noise      # also: the noise of one sample, generated twice vs stored
 
 Overhead per step = step time - the time spent inside the closure (forward + backward, timed inside the
-step itself), so it is exactly the optimizer's own work. The floor is the spec's byte count for one
+step itself), so it is exactly the optimizer's own work. The floor is the byte count of docs/design.md §5 for one
 step, (11 s + 9) passes of 4 d bytes (42 for s = 3), divided by the best copy bandwidth measured during the run: that
 of a 256 MiB buffer (memory bandwidth, as bench/throughput.py measures it) gives "floor"; that of a
 buffer of d floats gives "cache floor" -- on a CPU whose last-level cache holds the optimizer's buffers
@@ -34,9 +33,8 @@ sys.path.insert(0, str(HERE))
 
 import tsam_fast  # noqa: E402
 from tsam_fast import TSAM  # noqa: E402
-from tsam_fast.backends import resolve_backend  # noqa: E402
 
-PASSES_PER_SAMPLE, PASSES_PER_STEP = 11, 9  # TSAM_SPEC.md section 5
+PASSES_PER_SAMPLE, PASSES_PER_STEP = 11, 9  # docs/design.md §5
 
 
 def mlp(widths):
@@ -78,9 +76,9 @@ class TimedClosure:
 class Method:
     """One optimizer on its own copy of the model, stepped in turn with the others."""
 
-    def __init__(self, name, make_opt, model_state, args, before_step=None):
+    def __init__(self, name, make_opt, model_state, args):
         torch.manual_seed(1)
-        self.name, self.before_step = name, before_step
+        self.name = name
         self.model = mlp(args.widths)
         self.model.load_state_dict(model_state)
         x, y = torch.randn(args.batch, args.widths[0]), torch.randint(0, args.widths[-1], (args.batch,))
@@ -90,8 +88,6 @@ class Method:
         self.params = None
 
     def step(self, timed: bool):
-        if self.before_step is not None:
-            self.before_step()
         self.closure.inside = 0.0
         t0 = time.perf_counter()
         self.opt.step(self.closure)
@@ -110,13 +106,6 @@ def tsam_factory(backend, cfg):
         return TSAM(model.parameters(), torch.optim.SGD, backend=backend, sampler="ascent", start="gaussian",
                     check_finite=False, **cfg)
     return make
-
-
-def noise_policy(store):
-    """Before each step of a cpp method: the (shared) backend instance's noise policy for it."""
-    def set_policy():
-        resolve_backend("cpp", "cpu").store_noise = store
-    return set_policy
 
 
 def authors_factory(cfg):
@@ -138,42 +127,6 @@ def med(xs):
     return statistics.median(xs)
 
 
-def noise_table(d, repeats):
-    """Generate-twice vs store-the-noise for one sample's random start, with the real ops (spec section 5):
-    the norm pass then the fused update pass (tilt_accumulate), on d fp32 elements."""
-    be = resolve_backend("cpp", "cpu")
-    ops = torch.ops.tsam_fast
-    runs = ((0, 0, d),)
-    flat = [v for r in runs for v in r]
-    theta, theta0, grad, acc = (torch.randn(d) for _ in range(4))
-    xi = torch.empty(d)
-    one, half = torch.ones(()), torch.full((), 0.5)
-
-    def t(fn):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return med(ts) * 1e3
-
-    gen_norm = t(lambda: ops.noise_sqnorm(flat, 7))
-    gen_update = t(lambda: ops.tilt_accumulate(acc, grad, half, half, False, theta, theta0, flat, 7, one))
-    store_norm = t(lambda: ops.noise_sqnorm_store(xi, flat, 7))
-    store_update = t(lambda: ops.tilt_accumulate(acc, grad, half, half, False, theta, theta0, flat, 7, one, xi))
-    plain_update = t(lambda: ops.tilt_accumulate(acc, grad, half, half, False, theta, theta0, flat, None, one))
-    twice, store = gen_norm + gen_update, store_norm + store_update
-    print(f"\nNoise of one sample, d = {d / 1e6:.1f}M fp32, {torch.get_num_threads()} threads "
-          f"(ms, median of {repeats}; update pass without noise: {plain_update:.2f}):")
-    print("| | norm pass | update pass | total |")
-    print("|---|---|---|---|")
-    print(f"| generate twice | {gen_norm:.2f} ({d / gen_norm / 1e6:.2f} G normals/s) | {gen_update:.2f} | {twice:.2f} |")
-    print(f"| store (+4d bytes written, +4d read) | {store_norm:.2f} | {store_update:.2f} | {store:.2f} |")
-    print(f"=> {'store' if store < twice else 'generate twice'} is cheaper by {abs(twice - store):.2f} ms per sample "
-          f"(the backend's default: {'store' if be.store_noise else 'generate twice'})")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", type=int, nargs="+", default=[1024, 2048, 2048, 1024, 1536, 10],
@@ -182,7 +135,6 @@ def main():
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8, help="timed steps of each method")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--noise", action="store_true", help="also measure generate-twice vs store-the-noise")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -199,9 +151,7 @@ def main():
     print(f"# cpp: {status.reason}")
     print(f"# MLP {args.widths}: d = {d / 1e6:.2f}M fp32 params, batch {args.batch}, s = {args.samples}, ascent, "
           "SGD momentum")
-    default_policy = resolve_backend("cpp", "cpu").store_noise
-    methods = [Method("cpp", tsam_factory("cpp", cfg), state, args, noise_policy(False)),
-               Method("cpp, noise stored", tsam_factory("cpp", cfg), state, args, noise_policy(True)),
+    methods = [Method("cpp", tsam_factory("cpp", cfg), state, args),
                Method("reference", tsam_factory("reference", cfg), state, args)]
     authors = authors_factory(cfg)
     if authors is not None:
@@ -217,13 +167,12 @@ def main():
             m.step(timed=i >= args.warmup)
         bw_mem_all.append(copy_bandwidth(64 * 2**20))  # sampled through the run: neighbours come and go
         bw_d_all.append(copy_bandwidth(d))
-    resolve_backend("cpp", "cpu").store_noise = default_policy  # back to the backend's default
     results = [dict(name=m.name, step=m.step_ms, overhead=m.overhead, fwd_bwd=m.fwd_bwd, params=m.params)
                for m in methods]
 
     ref = next(r for r in results if r["name"] == "reference")["params"]
     for r in results:
-        if r["name"] == "authors' loop":  # torch.randn noise, not the spec's Philox: nothing to compare
+        if r["name"] == "authors' loop":  # torch.randn noise, not the Philox of docs/design.md §4: nothing to compare
             r["err"] = float("nan")
             continue
         r["err"] = (r["params"] - ref).abs().max().item()
@@ -254,8 +203,6 @@ def main():
     print(f"\nBest steps (least disturbed by neighbours): cpp overhead {best:.1f} ms = {best / floor_ms:.2f} x floor, "
           f"{best / cache_floor_ms:.2f} x cache floor; " + ", ".join(
               f"{r['name']} {min(r['overhead']):.1f} ms ({min(r['overhead']) / best:.1f}x cpp)" for r in results[1:]))
-    if args.noise:
-        noise_table(d, repeats=10)
 
 
 if __name__ == "__main__":

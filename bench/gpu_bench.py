@@ -6,7 +6,7 @@ For each size d (fp32 parameters; default 50M, 200M, 500M) and s samples of the 
 the ``gaussian`` start and SGD with momentum as the base optimizer, it times:
 
     copy            a device-to-device copy: the memory bandwidth of this GPU, measured here
-    floor           spec section 5's bytes, (11 s + 9) * 4 d, divided by that bandwidth
+    floor           the bytes of docs/design.md §5, (11 s + 9) * 4 d, divided by that bandwidth
     triton_ops      the op sequence TSAM.step issues, through the Triton backend, on one flat bucket
     torch_flat      the same step in the best plain PyTorch over the flat buffers (torch.randn noise,
                     addcmul/lerp, vector_norm; device scalars, no host sync)
@@ -46,7 +46,7 @@ RHO, RADIUS, SCALE, TILT, LR, MOMENTUM = 0.05, 1.0, 1.0, 1.0, 0.01, 0.9
 
 
 def floor_bytes(d: int, s: int) -> int:
-    """Spec section 5: about 11 passes per sample plus 9 per step over 4-byte elements (42 for s = 3)."""
+    """docs/design.md §5: about 11 passes per sample plus 9 per step over 4-byte elements (42 for s = 3)."""
     return (PASSES_PER_SAMPLE * s + PASSES_PER_STEP) * d * 4
 
 
@@ -102,23 +102,24 @@ class Buffers:
 
 def ops_step(backend, buf: Buffers, s: int, step: int) -> None:
     """The backend ops TSAM.step issues for one bucket (sampler ascent, start gaussian), as it issues them."""
+    ops = backend.ops  # the op contract over plain tensors (tsam_fast/backends/contract.py)
     dev = buf.theta.device
-    runs = ((0, 0, buf.theta.numel()),)
+    runs = (0, 0, buf.theta.numel())  # one run: flat (buffer_offset, global_offset, length)
     one = torch.ones((), device=dev)
 
     def start(j):
         seed = rng.stream_seed(0, step, j, rng.STREAM_START)
-        norm = backend.noise_sqnorm(runs, seed, dev).sqrt().clamp_min(1e-30)
+        norm = ops.noise_sqnorm(runs, seed, dev).sqrt().clamp_min(1e-30)
         return seed, torch.clamp_max(RADIUS / norm, SCALE)
 
     seed, coef = start(0)
-    backend.perturb(buf.theta, buf.theta0, runs, seed, coef, True)
+    ops.perturb(buf.theta, buf.theta0, runs, seed, coef, True)
     m = z = None
     for j in range(s):
         buf.grad.zero_()
         buf.closure()
-        kick = RHO / (backend.sqnorm(buf.grad).sqrt() + 1e-12)
-        backend.leapfrog(buf.theta, buf.grad, kick, one)
+        kick = RHO / (ops.sqnorm(buf.grad).sqrt() + 1e-12)
+        ops.leapfrog(buf.theta, buf.grad, kick, one)
         buf.grad.zero_()
         buf.closure()
         x = buf.losses[j % buf.losses.numel()] * TILT
@@ -130,9 +131,9 @@ def ops_step(backend, buf: Buffers, s: int, step: int) -> None:
             m, z = m_new, z * a + e
         if j + 1 < s:
             seed, coef = start(j + 1)
-            backend.tilt_accumulate(buf.acc, buf.grad, a, e, j == 0, buf.theta, buf.theta0, runs, seed, coef)
+            ops.tilt_accumulate(buf.acc, buf.grad, a, e, j == 0, buf.theta, buf.theta0, runs, seed, coef)
         else:
-            backend.finalize(buf.acc, buf.grad, a, e, 1.0 / z, j == 0, buf.theta, buf.theta0)
+            ops.finalize(buf.acc, buf.grad, a, e, 1.0 / z, j == 0, buf.theta, buf.theta0)
     buf.sgd.step()
 
 

@@ -12,15 +12,12 @@ namespace tsam_fast {
 
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
-// The normals of global elements g0, g0+1, ... of the noise stream `seed` (spec section 4);
+// The normals of global elements g0, g0+1, ... of the noise stream `seed` (docs/design.md §4);
 // `on == false` means "no noise" (seed=None): the kernels then never touch the generator.
-// `stored` (may be null): the same normals, already generated into memory by noise_sqnorm_store
-// (pointer to the segment's first one); the kernels then read them instead of generating them again.
 struct Noise {
   bool on;
   uint64_t seed;
   uint64_t g0;
-  const float* stored;
 };
 
 struct KernelTable {
@@ -29,8 +26,6 @@ struct KernelTable {
   void (*philox_words)(uint64_t seed, uint64_t c0, int64_t ncounters, uint32_t* out);
   // sum(xi^2) over the segment, in double.
   double (*noise_sqnorm)(uint64_t seed, uint64_t g0, int64_t n);
-  // out <- xi, and sum(xi^2) in double (bit-identical to noise_sqnorm).
-  double (*noise_sqnorm_store)(uint64_t seed, uint64_t g0, int64_t n, float* out);
   // sum((scale*x)^2) in double; scale may be null.
   double (*sqnorm)(DType, const void* x, const void* scale, int64_t n);
   // [save_backup: theta0 <- theta]; theta <- theta0 + coef*xi  (theta <- theta0 without noise).

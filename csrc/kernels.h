@@ -3,7 +3,7 @@
 // target and the layer, then include this file. Everything lives in an anonymous namespace so the
 // per-ISA copies never meet at link time; each translation unit exports one KernelTable.
 //
-// Numerics (TSAM_SPEC.md sections 4-5, tsam_fast/backends/reference.py):
+// Numerics (docs/design.md §4-5, tsam_fast/backends/reference.py):
 //  * the noise is Philox4x32-10 (key = seed, counter = global index // 4), Triton's uint->uniform and
 //    Box-Muller, all four outputs used; the generator is built from exactly-rounded operations only
 //    (add, mul, fma, sqrt, conversions), so every ISA produces bit-identical normals. log/sin/cos are
@@ -24,7 +24,7 @@ namespace {
 #include "simd_scalar.h"
 #endif
 
-// ---- constants (spec section 4; the float ones rounded from double exactly as torch rounds python floats)
+// ---- constants (docs/design.md §4; the float ones rounded from double exactly as torch rounds python floats)
 constexpr uint32_t PHILOX_KEY_A = 0x9E3779B9u, PHILOX_KEY_B = 0xBB67AE85u;
 constexpr uint32_t PHILOX_ROUND_A = 0xD2511F53u, PHILOX_ROUND_B = 0xCD9E8D57u;
 constexpr int PHILOX_ROUNDS = 10;
@@ -179,12 +179,6 @@ inline const float* normals_block(const Keys& key, uint64_t g, int64_t m, float*
   return scratch + skip;
 }
 
-// The block's normals: read from the stored noise when there is one, else generated into scratch.
-inline const float* noise_block(const Noise& noise, const Keys& key, int64_t p, int64_t m, float* scratch) {
-  if (noise.stored != nullptr) return noise.stored + p;
-  return normals_block(key, noise.g0 + p, m, scratch);
-}
-
 void philox_words_impl(uint64_t seed, uint64_t c0, int64_t ncounters, uint32_t* out) {
   const Keys key(seed);
   alignas(64) float scratch[4 * W];
@@ -295,19 +289,6 @@ double noise_sqnorm_impl(uint64_t seed, uint64_t g0, int64_t n) {
   return sum8(acc);
 }
 
-double noise_sqnorm_store_impl(uint64_t seed, uint64_t g0, int64_t n, float* out) {
-  const Keys key(seed);
-  alignas(64) float scratch[XI_CAP];
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t p = 0; p < n; p += BLK) {
-    const int64_t m = std::min(BLK, n - p);
-    const float* xi = normals_block(key, g0 + p, m, scratch);
-    std::memcpy(out + p, xi, static_cast<size_t>(m) * sizeof(float));
-    add_squares(xi, nullptr, m, acc);
-  }
-  return sum8(acc);
-}
-
 template <typename T>
 double sqnorm_t(const T* x, const T* s, int64_t n) {
   alignas(64) float tx[BLK], ts[BLK];
@@ -332,7 +313,7 @@ void perturb_t(T* theta, T* theta0, int64_t n, Noise noise, float coef, bool sav
   alignas(64) float scratch[XI_CAP], t0[BLK], to[BLK];
   for (int64_t p = 0; p < n; p += BLK) {
     const int64_t m = std::min(BLK, n - p);
-    const float* xi = noise_block(noise, key, p, m, scratch);
+    const float* xi = normals_block(key, noise.g0 + p, m, scratch);
     if (save_backup) std::memcpy(theta0 + p, theta + p, static_cast<size_t>(m) * sizeof(T));
     const float* base = load_block(theta0 + p, m, t0);
     float* out = out_block(theta + p, to);
@@ -395,7 +376,7 @@ void tilt_accumulate_t(float* acc, const T* grad, float a, float b, bool first, 
       std::memcpy(theta + p, theta0 + p, static_cast<size_t>(m) * sizeof(T));
       continue;
     }
-    const float* xi = noise_block(noise, key, p, m, scratch);
+    const float* xi = normals_block(key, noise.g0 + p, m, scratch);
     const float* base = load_block(theta0 + p, m, t0);
     float* out = out_block(theta + p, to);
     for (int64_t i = 0; i < m; ++i) out[i] = base[i] + coef * xi[i];
@@ -471,6 +452,6 @@ void finalize_impl(DType dt, const float* acc, void* grad, float a, float b, flo
 
 // Exported by each translation unit under its own name (TSAM_TABLE), e.g. kTableAVX512.
 extern const KernelTable TSAM_TABLE = {
-    TSAM_ISA_NAME, philox_words_impl, noise_sqnorm_impl, noise_sqnorm_store_impl, sqnorm_impl, perturb_impl,
+    TSAM_ISA_NAME, philox_words_impl, noise_sqnorm_impl, sqnorm_impl, perturb_impl,
     fill_noise_impl, leapfrog_impl, tilt_accumulate_impl, finalize_impl,
 };

@@ -1,8 +1,14 @@
-// The C++ CPU backend of tsam_fast: launchers and operator registration (torch.ops.tsam_fast.*).
+// The C++ CPU backend of tsam_fast: launchers and kernel registration (torch.ops.tsam_fast.*).
 //
 // Layers: kernels.h (one segment, one ISA) -> launchers here (checks, segments, threads, ISA choice)
-// -> TORCH_LIBRARY registration -> tsam_fast/backends/cpp.py (the Backend class, fake kernels).
-// The op semantics are those of tsam_fast/backends/base.py; the formulas are in kernel_api.h.
+// -> TORCH_LIBRARY_IMPL registration -> tsam_fast/backends/cpp.py (CppOps).
+//
+// The op contract's schemas are NOT declared here: they are defined once, from Python, by
+// tsam_fast/backends/contract.py (docs/design.md §7), which cpp.py calls right after loading this
+// library. The dispatcher accepts kernels registered before their schema and checks each kernel's C++
+// signature against the schema when it is defined: a launcher below whose signature disagrees with the
+// table makes that definition raise (the backend then reports itself unavailable with the reason).
+// Only the diagnostics ops, which are not part of the contract, are declared here (a FRAGMENT).
 //
 // Threads: every op cuts its buffer into fixed segments (at most kChunk elements, cut at run boundaries
 // for the noise) and runs them with at::parallel_for. Reductions sum per-segment double partials in
@@ -189,8 +195,9 @@ inline char* at_elem(const at::Tensor& t, int64_t i) {
 
 at::Tensor f32_scalar(double v) { return at::scalar_tensor(static_cast<float>(v), at::TensorOptions().dtype(at::kFloat)); }
 
-// ---- launchers (one per op of tsam_fast/backends/base.py) -----------------------------------------
-at::Tensor noise_sqnorm(c10::IntArrayRef runs, int64_t seed) {
+// ---- launchers (one per op of tsam_fast/backends/contract.py, with its schema's arguments) ----------
+at::Tensor noise_sqnorm(c10::IntArrayRef runs, int64_t seed, c10::Device device) {
+  TORCH_CHECK(device.is_cpu(), "tsam_fast cpp backend: noise_sqnorm runs on the CPU, got device ", device);
   int64_t end = 0;  // the runs' buffer extent: noise_sqnorm has no buffer of its own
   for (size_t r = 0; r + 2 < runs.size(); r += 3) end = std::max(end, runs[r] + runs[r + 2]);
   const auto segs = segments(end, runs, true);
@@ -199,34 +206,6 @@ at::Tensor noise_sqnorm(c10::IntArrayRef runs, int64_t seed) {
     return s.noise ? k.noise_sqnorm(static_cast<uint64_t>(seed), s.glob, s.len) : 0.0;
   });
   return f32_scalar(total);
-}
-
-// noise_sqnorm that also keeps the noise: xi <- the buffer's normals (0 outside the runs). Returns the same
-// value as noise_sqnorm, bit for bit (same segments, same partials, same order).
-at::Tensor noise_sqnorm_store(const at::Tensor& xi, c10::IntArrayRef runs, int64_t seed) {
-  check_f32(xi, "xi", -1);
-  const auto segs = segments(xi.numel(), runs, true);
-  const KernelTable& k = K();
-  const double total = reduce_segments(segs, [&](const Segment& s) {
-    float* o = reinterpret_cast<float*>(at_elem(xi, s.buf));
-    if (!s.noise) {
-      std::fill(o, o + s.len, 0.0f);
-      return 0.0;
-    }
-    return k.noise_sqnorm_store(static_cast<uint64_t>(seed), s.glob, s.len, o);
-  });
-  return f32_scalar(total);
-}
-
-// The stored noise of a segment, or null (generate it).
-const float* stored_at(const std::optional<at::Tensor>& xi, const Segment& s) {
-  return xi ? reinterpret_cast<const float*>(at_elem(*xi, s.buf)) : nullptr;
-}
-
-void check_stored(const std::optional<at::Tensor>& xi, std::optional<int64_t> seed, int64_t n) {
-  if (!xi) return;
-  check_f32(*xi, "xi", n);
-  TORCH_CHECK(seed.has_value(), "tsam_fast cpp backend: stored noise xi was given without a seed");
 }
 
 at::Tensor sqnorm(const at::Tensor& x, const std::optional<at::Tensor>& scale) {
@@ -245,18 +224,17 @@ at::Tensor sqnorm(const at::Tensor& x, const std::optional<at::Tensor>& scale) {
 }
 
 void perturb(const at::Tensor& theta, const at::Tensor& theta0, c10::IntArrayRef runs, std::optional<int64_t> seed,
-             const at::Tensor& coef, bool save_backup, const std::optional<at::Tensor>& xi) {
+             const at::Tensor& coef, bool save_backup) {
   check_buffer(theta, "theta", -1);
   const int64_t n = theta.numel();
   check_like_theta(theta0, theta, "theta0");
   const DType dt = dtype_of(theta, "theta");
-  check_stored(xi, seed, n);
   const float c = scalar_of(coef, "coef");
   const auto segs = segments(n, runs, seed.has_value());
   const KernelTable& k = K();
   const uint64_t sd = seed ? static_cast<uint64_t>(*seed) : 0;
   for_segments(segs, [&](const Segment& s) {
-    k.perturb(dt, at_elem(theta, s.buf), at_elem(theta0, s.buf), s.len, Noise{s.noise, sd, s.glob, stored_at(xi, s)},
+    k.perturb(dt, at_elem(theta, s.buf), at_elem(theta0, s.buf), s.len, Noise{s.noise, sd, s.glob},
               c, save_backup);
   });
 }
@@ -268,7 +246,7 @@ void fill_noise(const at::Tensor& out, c10::IntArrayRef runs, int64_t seed, cons
   const KernelTable& k = K();
   for_segments(segs, [&](const Segment& s) {
     float* o = reinterpret_cast<float*>(at_elem(out, s.buf));
-    if (s.noise) k.fill_noise(o, s.len, Noise{true, static_cast<uint64_t>(seed), s.glob, nullptr}, c);
+    if (s.noise) k.fill_noise(o, s.len, Noise{true, static_cast<uint64_t>(seed), s.glob}, c);
     else std::fill(o, o + s.len, 0.0f);
   });
 }
@@ -295,11 +273,10 @@ void leapfrog(const at::Tensor& theta, const at::Tensor& grad, const at::Tensor&
 
 void tilt_accumulate(const at::Tensor& acc, const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b,
                      bool first, const at::Tensor& theta, const at::Tensor& theta0, c10::IntArrayRef runs,
-                     std::optional<int64_t> seed, const at::Tensor& coef, const std::optional<at::Tensor>& xi) {
+                     std::optional<int64_t> seed, const at::Tensor& coef) {
   check_tilt_buffers(acc, grad, theta, theta0);
   const int64_t n = theta.numel();
   const DType dt = dtype_of(theta, "theta");
-  check_stored(xi, seed, n);
   const float av = scalar_of(a, "a"), bv = scalar_of(b, "b"), c = scalar_of(coef, "coef");
   const auto segs = segments(n, runs, seed.has_value());
   const KernelTable& k = K();
@@ -307,7 +284,7 @@ void tilt_accumulate(const at::Tensor& acc, const at::Tensor& grad, const at::Te
   for_segments(segs, [&](const Segment& s) {
     k.tilt_accumulate(dt, reinterpret_cast<float*>(at_elem(acc, s.buf)), at_elem(grad, s.buf), av, bv, first,
                       at_elem(theta, s.buf), at_elem(theta0, s.buf), s.len,
-                      Noise{s.noise, sd, s.glob, stored_at(xi, s)}, c);
+                      Noise{s.noise, sd, s.glob}, c);
   });
 }
 
@@ -351,27 +328,15 @@ std::string set_isa(const std::string& name) {
 
 }  // namespace
 
-TORCH_LIBRARY(tsam_fast, m) {
-  m.def("noise_sqnorm(int[] runs, int seed) -> Tensor");
-  m.def("sqnorm(Tensor x, Tensor? scale) -> Tensor");
-  m.def("noise_sqnorm_store(Tensor(a!) xi, int[] runs, int seed) -> Tensor");
-  // xi: the noise kept by noise_sqnorm_store for the same runs and seed (read instead of generated)
-  m.def("perturb(Tensor(a!) theta, Tensor(b!) theta0, int[] runs, int? seed, Tensor coef, bool save_backup, "
-        "Tensor? xi=None) -> ()");
-  m.def("fill_noise(Tensor(a!) out, int[] runs, int seed, Tensor coef) -> ()");
-  m.def("leapfrog(Tensor(a!) theta, Tensor grad, Tensor kick, Tensor drift, Tensor(b!)? momentum, "
-        "Tensor? precond) -> ()");
-  m.def("tilt_accumulate(Tensor(a!) acc, Tensor grad, Tensor a, Tensor b, bool first, Tensor(b!) theta, "
-        "Tensor theta0, int[] runs, int? seed, Tensor coef, Tensor? xi=None) -> ()");
-  m.def("finalize(Tensor acc, Tensor(a!) grad, Tensor a, Tensor b, Tensor inv_z, bool first, Tensor(b!) theta, "
-        "Tensor theta0) -> ()");
+// The diagnostics ops (tests, debugging; not part of the op contract).
+TORCH_LIBRARY_FRAGMENT(tsam_fast, m) {
   m.def("_philox_words(int seed, int counter, int ncounters) -> Tensor");
   m.def("_isa() -> str", &isa);
   m.def("_set_isa(str isa) -> str", &set_isa);
 }
 
+// The contract's kernels; their schemas come from contract.py (defined after this library is loaded).
 TORCH_LIBRARY_IMPL(tsam_fast, CPU, m) {
-  m.impl("noise_sqnorm_store", &noise_sqnorm_store);
   m.impl("sqnorm", &sqnorm);
   m.impl("perturb", &perturb);
   m.impl("fill_noise", &fill_noise);
@@ -380,7 +345,8 @@ TORCH_LIBRARY_IMPL(tsam_fast, CPU, m) {
   m.impl("finalize", &finalize);
 }
 
-// No tensor argument to dispatch on: these produce CPU tensors whatever the dispatch key.
+// No tensor argument to dispatch on: these produce CPU tensors whatever the dispatch key (noise_sqnorm
+// checks its device argument).
 TORCH_LIBRARY_IMPL(tsam_fast, CompositeExplicitAutograd, m) {
   m.impl("noise_sqnorm", &noise_sqnorm);
   m.impl("_philox_words", &philox_words);

@@ -1,6 +1,7 @@
 """Host launchers of the Triton kernels: argument checks, run tables, block sizes and grids.
 
-Every launcher takes the op contract's arguments (``tsam_fast/backends/base.py``) and launches one
+Every launcher takes the arguments of an op of the contract (``tsam_fast/backends/contract.py``; ``runs``
+as a tuple of triples, which ``ops.py`` converts from the ops' flat ``int[]``) and launches one
 kernel (two for a reduction) on the buffers' device; none reads a device value on the host. The first
 call with a new ``runs`` layout of more than one run copies a small int64 table to the device (from
 pinned memory, asynchronously) and caches it.

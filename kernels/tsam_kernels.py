@@ -1,4 +1,4 @@
-"""The @triton.jit kernels of the Triton backend: one kernel per op of the contract (``backends/base.py``).
+"""The @triton.jit kernels of the Triton backend: one kernel per op of the contract (``backends/contract.py``).
 
 Layout of the work (docs/design.md §5):
 

@@ -1,20 +1,25 @@
 """Every op of the contract, on every fused backend available here, against the reference backend.
 
-Fresh random inputs (never zeros), odd sizes, all dtypes, noise runs that straddle Philox counters,
-and the awkward scalars: large t*L (tiny a/b), tiny and zero norms.
+Inputs come from the contract table (``tsam_fast.backends.contract``): fresh random buffers (never
+zeros), noise runs that straddle Philox counters; here at odd sizes, in all dtypes, with the awkward
+scalars: large t*L (tiny a/b), tiny and zero norms. Also: each fused namespace's registered schemas are
+the table's, and the reference implements the table's signatures.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
-from tsam_fast.backends import resolve_backend
-from tsam_fast.backends.reference import ReferenceBackend
+from tsam_fast.backends import contract, resolve_backend
+from tsam_fast.backends.reference import ReferenceOps
 
 from conftest import DTYPES, DTYPE_IDS, TOL, assert_close, fused_backends, interpreted
 
-REF = ReferenceBackend()
+REF = ReferenceOps()
+SPECS = contract.SPECS
 BACKENDS = fused_backends()
 SIZES = (0, 1, 7, 1023, 4097, 1_000_003)
 
@@ -27,51 +32,42 @@ def _sizes(name, device):
     return [n for n in SIZES if not interpreted(name, device) or n <= 4097]
 
 
-def _runs(n):
-    """Two runs whose global offsets are not multiples of 4 (counter straddling) and a gap between."""
-    if n < 2:
-        return ((0, 5, n),) if n else ()
-    half = n // 2
-    return ((0, 13, half), (half, 13 + half + 1002, n - half))
-
-
-def _scalar(x, device):
-    return torch.tensor(x, dtype=torch.float32, device=device)
-
-
 CASES = [(name, device, n, dtype) for name, device in BACKENDS for n in _sizes(name, device) for dtype in DTYPES]
 IDS = [f"{name}-{device}-n{n}-{DTYPE_IDS[dtype]}" for name, device, n, dtype in CASES]
 
 
 @pytest.fixture(params=CASES, ids=IDS)
 def case(request):
+    """(the backend's ops, device, n, dtype)"""
     name, device, n, dtype = request.param
-    return resolve_backend(name, device), device, n, dtype
+    return resolve_backend(name, device).ops, device, n, dtype
 
 
-def _fresh(n, dtype, device, scale=1.0):
-    return (torch.randn(n, device=device) * scale).to(dtype)
+def _pair(args):
+    """Two independent copies of an op's arguments: one for the backend, one for the reference."""
+    def clone():
+        return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    return clone(), clone()
 
 
 def test_noise_sqnorm(case):
-    be, device, n, dtype = case
-    runs, seed = _runs(n), 987654321987
-    assert_close(be.noise_sqnorm(runs, seed, torch.device(device)).cpu(),
-                 REF.noise_sqnorm(runs, seed, torch.device(device)).cpu(), rtol=1e-5, atol=1e-6, what="noise_sqnorm")
+    ops, device, n, dtype = case
+    args = SPECS["noise_sqnorm"].args(n, dtype, device, seed=987654321987)
+    assert_close(ops.noise_sqnorm(*args).cpu(), REF.noise_sqnorm(*args).cpu(), rtol=1e-5, atol=1e-6,
+                 what="noise_sqnorm")
 
 
-@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "adaptive"])
-def test_sqnorm(case, scaled):
-    be, device, n, dtype = case
-    x = _fresh(n, dtype, device)
-    scale = _fresh(n, dtype, device) if scaled else None
-    assert_close(be.sqnorm(x, scale).cpu(), REF.sqnorm(x, scale).cpu(), rtol=1e-5, atol=1e-6, what="sqnorm")
+@pytest.mark.parametrize("mode", ["plain", "scaled"], ids=["plain", "adaptive"])
+def test_sqnorm(case, mode):
+    ops, device, n, dtype = case
+    args = SPECS["sqnorm"].args(n, dtype, device, mode)
+    assert_close(ops.sqnorm(*args).cpu(), REF.sqnorm(*args).cpu(), rtol=1e-5, atol=1e-6, what="sqnorm")
 
 
 def test_sqnorm_tiny_and_zero(case):
-    be, device, n, dtype = case
+    ops, device, n, dtype = case
     for x in (torch.full((n,), 1e-20, device=device), torch.zeros(n, device=device)):
-        got = be.sqnorm(x.to(dtype))
+        got = ops.sqnorm(x.to(dtype))
         assert torch.isfinite(got).all()
         assert_close(got.cpu(), REF.sqnorm(x.to(dtype)).cpu(), rtol=1e-5, atol=0, what="sqnorm tiny")
 
@@ -79,39 +75,33 @@ def test_sqnorm_tiny_and_zero(case):
 @pytest.mark.parametrize("save_backup", [True, False])
 @pytest.mark.parametrize("noisy", [True, False], ids=["noise", "no-noise"])
 def test_perturb(case, save_backup, noisy):
-    be, device, n, dtype = case
-    theta, theta0 = _fresh(n, dtype, device), _fresh(n, dtype, device)
-    runs, seed, coef = _runs(n), (12345 if noisy else None), _scalar(0.37, device)
-    out = [theta.clone(), theta0.clone()]
-    ref = [theta.clone(), theta0.clone()]
-    be.perturb(out[0], out[1], runs, seed, coef, save_backup)
-    REF.perturb(ref[0], ref[1], runs, seed, coef, save_backup)
+    ops, device, n, dtype = case
+    args = SPECS["perturb"].args(n, dtype, device, seed=12345 if noisy else None, save_backup=save_backup)
+    out, ref = _pair(args)
+    ops.perturb(*out)
+    REF.perturb(*ref)
     assert_close(out[1].cpu(), ref[1].cpu(), rtol=0, atol=0, what="perturb theta0")
     assert_close(out[0].cpu(), ref[0].cpu(), **TOL[dtype], what="perturb theta")
 
 
 def test_fill_noise(case):
-    be, device, n, dtype = case
-    out, ref = torch.randn(n, device=device), torch.randn(n, device=device)
-    be.fill_noise(out, _runs(n), 42, _scalar(1.7, device))
-    REF.fill_noise(ref, _runs(n), 42, _scalar(1.7, device))
-    assert_close(out.cpu(), ref.cpu(), **TOL[torch.float32], what="fill_noise")
+    ops, device, n, dtype = case
+    out, ref = _pair(SPECS["fill_noise"].args(n, dtype, device, seed=42))
+    ops.fill_noise(*out)
+    REF.fill_noise(*ref)
+    assert_close(out[0].cpu(), ref[0].cpu(), **TOL[torch.float32], what="fill_noise")
 
 
 @pytest.mark.parametrize("mode", ["ascent", "adaptive", "hmc"])
 def test_leapfrog(case, mode):
-    be, device, n, dtype = case
-    theta, grad = _fresh(n, dtype, device), _fresh(n, dtype, device)
-    precond = _fresh(n, dtype, device) if mode == "adaptive" else None
-    v = torch.randn(n, device=device) if mode == "hmc" else None
-    kick, drift = _scalar(0.05 / 3.3, device), _scalar(0.7 if mode == "hmc" else 1.0, device)
-    out, ref = theta.clone(), theta.clone()
-    v_out, v_ref = (v.clone(), v.clone()) if v is not None else (None, None)
-    be.leapfrog(out, grad, kick, drift, momentum=v_out, precond=precond)
-    REF.leapfrog(ref, grad, kick, drift, momentum=v_ref, precond=precond)
-    assert_close(out.cpu(), ref.cpu(), **TOL[dtype], what="leapfrog theta")
-    if v is not None:
-        assert_close(v_out.cpu(), v_ref.cpu(), **TOL[torch.float32], what="leapfrog momentum")
+    ops, device, n, dtype = case
+    out, ref = _pair(SPECS["leapfrog"].args(n, dtype, device, mode))
+    theta, grad, kick, drift, momentum, precond = out
+    ops.leapfrog(theta, grad, kick, drift, momentum=momentum, precond=precond)  # by keyword, as the schema names them
+    REF.leapfrog(*ref)
+    assert_close(out[0].cpu(), ref[0].cpu(), **TOL[dtype], what="leapfrog theta")
+    if mode == "hmc":
+        assert_close(out[4].cpu(), ref[4].cpu(), **TOL[torch.float32], what="leapfrog momentum")
 
 
 # (a, b): an ordinary update, a sample 60 nats below the running max (tiny b), one 60 above (tiny a).
@@ -121,27 +111,52 @@ SCALARS = [(0.8, 1.3), (1.0, 8.7e-27), (8.7e-27, 1.0)]
 @pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
 @pytest.mark.parametrize("ab", SCALARS, ids=["plain", "tiny-b", "tiny-a"])
 def test_tilt_accumulate(case, first, ab):
-    be, device, n, dtype = case
-    acc, grad = torch.randn(n, device=device), _fresh(n, dtype, device)
-    theta, theta0 = _fresh(n, dtype, device), _fresh(n, dtype, device)
-    a, b, coef = _scalar(ab[0], device), _scalar(ab[1], device), _scalar(0.21, device)
-    outs = [acc.clone(), theta.clone()]
-    refs = [acc.clone(), theta.clone()]
-    be.tilt_accumulate(outs[0], grad, a, b, first, outs[1], theta0, _runs(n), 777, coef)
-    REF.tilt_accumulate(refs[0], grad, a, b, first, refs[1], theta0, _runs(n), 777, coef)
-    assert_close(outs[0].cpu(), refs[0].cpu(), rtol=2e-6, atol=1e-30, what="tilt_accumulate A")
-    assert_close(outs[1].cpu(), refs[1].cpu(), **TOL[dtype], what="tilt_accumulate theta")
+    ops, device, n, dtype = case
+    out, ref = _pair(SPECS["tilt_accumulate"].args(n, dtype, device, first=first, a=ab[0], b=ab[1], seed=777))
+    ops.tilt_accumulate(*out)
+    REF.tilt_accumulate(*ref)
+    assert_close(out[0].cpu(), ref[0].cpu(), rtol=2e-6, atol=1e-30, what="tilt_accumulate A")
+    assert_close(out[5].cpu(), ref[5].cpu(), **TOL[dtype], what="tilt_accumulate theta")
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
 def test_finalize(case, first):
-    be, device, n, dtype = case
-    acc, grad = torch.randn(n, device=device), _fresh(n, dtype, device)
-    theta, theta0 = _fresh(n, dtype, device), _fresh(n, dtype, device)
-    a, b, inv_z = _scalar(0.6, device), _scalar(0.3, device), _scalar(1 / 2.9, device)
-    outs = [grad.clone(), theta.clone()]
-    refs = [grad.clone(), theta.clone()]
-    be.finalize(acc.clone(), outs[0], a, b, inv_z, first, outs[1], theta0)
-    REF.finalize(acc.clone(), refs[0], a, b, inv_z, first, refs[1], theta0)
-    assert_close(outs[0].cpu(), refs[0].cpu(), **TOL[dtype], what="finalize grad")
-    assert_close(outs[1].cpu(), refs[1].cpu(), rtol=0, atol=0, what="finalize theta")
+    ops, device, n, dtype = case
+    out, ref = _pair(SPECS["finalize"].args(n, dtype, device, first=first))
+    ops.finalize(*out)
+    REF.finalize(*ref)
+    assert_close(out[1].cpu(), ref[1].cpu(), **TOL[dtype], what="finalize grad")
+    assert_close(out[6].cpu(), ref[6].cpu(), rtol=0, atol=0, what="finalize theta")
+
+
+# -- the contract itself --------------------------------------------------------------------------
+
+NAMESPACES = sorted({resolve_backend(name, device).ops.namespace for name, device in BACKENDS})
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_registered_schemas_are_the_tables(ns):
+    """Every fused namespace defines exactly the table's schema for each op (one schema, both namespaces)."""
+    for op in contract.OPS:
+        got = contract.registered(ns, op.name)._schema
+        assert str(got) == str(torch._C.parse_schema(f"{ns}::{op.schema}")), f"{ns}::{op.name}"
+        assert torch.Tag.pt2_compliant_tag in contract.registered(ns, op.name).tags
+
+
+def test_namespaces_share_one_schema_per_op():
+    if len(NAMESPACES) < 2:
+        pytest.skip(f"only {NAMESPACES} registered here")
+    for op in contract.OPS:
+        bare = {str(contract.registered(ns, op.name)._schema).split("::", 1)[1] for ns in NAMESPACES}
+        assert bare == {op.schema}, op.name
+
+
+def _signature(fn):
+    return [(p.name, p.default is not inspect.Parameter.empty) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_reference_implements_the_tables_signatures():
+    """The oracle takes each op's schema arguments by the schema's names (keywords work on every backend)."""
+    for op in contract.OPS:
+        want = [(a.name, a.has_default_value()) for a in op.parsed.arguments]
+        assert _signature(getattr(REF, op.name)) == want, op.name

@@ -1,24 +1,16 @@
-"""The op contract: the fused operations a tsam_fast backend implements.
+"""The backend as the step engine sees it: ``Backend``, the op contract applied to a bucket.
 
 The optimizer (``tsam_fast.optimizer``) decides *what* happens in a TSAM step; a backend only knows
-*how* to run these ops over the flat buffers of one (param group, device, dtype) bucket. Every op
-is one pass over the bucket's ``d`` elements, so a backend launches one kernel per op.
+*how* to run the contract's ops over the flat buffers of one (param group, device, dtype) bucket. Every
+op is one pass over the bucket's ``d`` elements, so a backend launches one kernel per op.
 
-Conventions shared by all ops:
-
-* ``theta``, ``theta0`` (the backup of the step's starting point) and ``grad`` are 1-D contiguous
-  buffers in the parameter dtype (fp32, bf16 or fp16). ``acc`` (the tilt accumulator ``A``) and
-  ``momentum`` (HMC's ``v``) are fp32. All arithmetic is fp32; each result is rounded once to the
-  dtype of the buffer it is stored in.
-* Every scalar argument (``coef``, ``kick``, ``a``, ``b``, ``inv_z``) is a 0-dim fp32 tensor on the
-  buffer's device: it is usually the result of a device reduction, and reading it on the host would
-  stall a GPU. Reductions return 0-dim fp32 tensors on the buffer's device.
-* ``runs`` maps buffer positions to the global element index of the noise (spec section 4): a tuple
-  of ``(buffer_offset, global_offset, length)``; element ``buffer_offset + k`` of the bucket is global
-  element ``global_offset + k``. ``seed`` is a 63-bit int (``rng.stream_seed``); ``seed=None`` means
-  "no noise" (the ``start="none"`` case), and the op must then not spend time on the generator.
-* ``xi`` below is the stream's standard normal noise (``rng.normal``), regenerated where needed and
-  never stored by the caller.
+The ops themselves -- names, schemas, formulas, which buffers they write, sample inputs -- are declared
+once in ``contract.py`` (docs/design.md §7). A ``Backend`` wraps one implementation of them (``ops``:
+``ReferenceOps``, ``CppOps`` over ``torch.ops.tsam_fast``, ``TritonOps`` over the Triton launchers) and
+maps each step-level move onto them: the bucket's buffers (``param`` = theta, ``backup`` = theta0,
+``grad``, ``acc`` = A, ``momentum`` = v), its noise runs (a tuple of ``(buffer_offset, global_offset,
+length)`` triples, passed to the ops as flat ``int[] runs``) and the op's scalars (0-dim fp32 device
+tensors). ``seed=None`` means no noise (``start="none"``).
 """
 
 from __future__ import annotations
@@ -27,6 +19,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
+
+from .contract import flat_runs
 
 Runs = Sequence[Tuple[int, int, int]]
 
@@ -39,9 +33,9 @@ class Backend:
     (``tsam_fast.flat.Bucket``: ``param``, ``grad``, ``backup`` (theta0), ``acc``, ``momentum``, ``runs``,
     ``device``, ``dtype``) and the few scalars of the op, and runs the op over the bucket's buffers.
 
-    ``ops`` is the contract itself over plain tensors (one callable per op, with the signatures of
-    ``ReferenceOps``): the reference functions, ``torch.ops.tsam_fast`` (C++), or the Triton launchers.
-    The op-level tests and benchmarks call ``backend.ops`` directly.
+    ``ops`` is the contract itself over plain tensors (one callable per op of ``contract.OPS``, taking
+    the schema's arguments): the reference functions, ``torch.ops.tsam_fast`` (C++), or the Triton
+    launchers. The op-level tests and benchmarks call ``backend.ops`` directly.
     """
 
     def __init__(self, name: str, ops, dtypes: Tuple[torch.dtype, ...] = FUSED_DTYPES):
@@ -56,7 +50,7 @@ class Backend:
 
     def noise_sqnorm(self, bucket, seed: int) -> torch.Tensor:
         """``sum(xi**2)`` over the bucket (generator only)."""
-        return self.ops.noise_sqnorm(bucket.runs, seed, bucket.device)
+        return self.ops.noise_sqnorm(flat_runs(bucket.runs), seed, bucket.device)
 
     def grad_sqnorm(self, bucket, adaptive: bool = False) -> torch.Tensor:
         """``sum((T g)**2)``, T = |theta0| when ``adaptive`` else 1."""
@@ -64,11 +58,11 @@ class Backend:
 
     def perturb(self, bucket, seed: Optional[int], coef: torch.Tensor, save_backup: bool = False) -> None:
         """The random start ``theta <- theta0 + coef * xi`` (``theta0 <- theta`` first if ``save_backup``)."""
-        self.ops.perturb(bucket.param, bucket.backup, bucket.runs, seed, coef, save_backup)
+        self.ops.perturb(bucket.param, bucket.backup, flat_runs(bucket.runs), seed, coef, save_backup)
 
     def draw_momentum(self, bucket, seed: int, sigma: torch.Tensor) -> None:
         """HMC's ``v <- sigma * xi``."""
-        self.ops.fill_noise(bucket.momentum, bucket.runs, seed, sigma)
+        self.ops.fill_noise(bucket.momentum, flat_runs(bucket.runs), seed, sigma)
 
     def ascend(self, bucket, kick: torch.Tensor, one: torch.Tensor, adaptive: bool) -> None:
         """``theta <- theta + kick * P g`` (P = theta0**2 when ``adaptive``): the ascent sampler's move."""
@@ -81,7 +75,7 @@ class Backend:
     def tilt_accumulate(self, bucket, a, b, first: bool, seed: Optional[int], coef) -> None:
         """``A <- a A + b g`` (``b g`` when ``first``) fused with the next start ``theta <- theta0 + coef xi``."""
         self.ops.tilt_accumulate(bucket.acc, bucket.grad, a, b, first, bucket.param, bucket.backup,
-                                 bucket.runs, seed, coef)
+                                 flat_runs(bucket.runs), seed, coef)
 
     def finalize(self, bucket, a, b, inv_z, first: bool) -> None:
         """``grad <- (a A + b g) * inv_z`` and ``theta <- theta0``: the end of a step."""

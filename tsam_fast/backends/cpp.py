@@ -1,4 +1,8 @@
-"""The fused C++ CPU backend: the op contract (``base.py``) as ``torch.ops.tsam_fast.*`` operators (csrc/).
+"""The fused C++ CPU backend: the op contract (``contract.py``) as ``torch.ops.tsam_fast.*`` operators (csrc/).
+
+The extension registers only the kernels; the schemas are defined from ``contract.OPS`` right after it
+is loaded (``contract.define``), which is where the dispatcher checks every C++ kernel's signature
+against its schema (docs/design.md §7).
 
 Where the operators come from, in order:
 
@@ -11,25 +15,23 @@ If neither works (no compiler, no ninja, no sources), ``probe()`` reports the ba
 the original error: ``backend="auto"`` then falls back to the reference, ``backend="cpp"`` raises.
 
 Environment knobs (tests, debugging): ``TSAM_FAST_CPP_DISABLE=1`` reports the backend unavailable;
-``TSAM_FAST_CPP_JIT=1`` skips the prebuilt module; ``TSAM_FAST_CPP_STORE_NOISE=1`` keeps the noise between
-its two passes instead of regenerating it (see CppBackend); ``TSAM_FAST_CPP_ISA=scalar|avx2|avx512``
-caps the instruction set of the kernels (otherwise the best one this CPU runs, chosen at run time).
+``TSAM_FAST_CPP_JIT=1`` skips the prebuilt module; ``TSAM_FAST_CPP_ISA=scalar|avx2|avx512`` caps the
+instruction set of the kernels (otherwise the best one this CPU runs, chosen at run time).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import os
 import shutil
 import sys
-from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
+from . import contract
 from .base import Backend, BackendStatus
 
 # Compiler flags of both builds (setup.py reads them from here). -ffp-contract=off: the kernels do the reference's
@@ -38,6 +40,8 @@ from .base import Backend, BackendStatus
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 LD_FLAGS = ["-fopenmp"]
 JIT_NAME = "tsam_fast_cpp"
+#: the torch.library namespace of the operators
+NAMESPACE = "tsam_fast"
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
@@ -67,7 +71,8 @@ def jit_build_dir() -> Path:
 
 
 def _ops_loaded() -> bool:
-    return hasattr(torch.ops, "tsam_fast") and hasattr(torch.ops.tsam_fast, "finalize")
+    """Whether the extension is loaded (its diagnostics op ``_isa`` is declared by the library itself)."""
+    return hasattr(torch.ops, NAMESPACE) and hasattr(getattr(torch.ops, NAMESPACE), "_isa")
 
 
 def _load_jit() -> str:
@@ -144,119 +149,40 @@ _fakes_registered = False
 
 
 def _register_fakes() -> None:
-    """Fake (meta) kernels: shapes and dtypes only, so torch.compile / FakeTensor can trace the ops."""
+    """The fake kernel of the diagnostics op ``_philox_words`` (the contract's come with ``contract.define``)."""
     global _fakes_registered
     if _fakes_registered:
         return
     _fakes_registered = True
-    lib = "tsam_fast::"
 
-    @torch.library.register_fake(lib + "noise_sqnorm")
-    def _(runs, seed):
-        return torch.empty((), dtype=torch.float32)
-
-    @torch.library.register_fake(lib + "noise_sqnorm_store")
-    def _(xi, runs, seed):
-        return xi.new_empty((), dtype=torch.float32)
-
-    @torch.library.register_fake(lib + "sqnorm")
-    def _(x, scale):
-        return x.new_empty((), dtype=torch.float32)
-
-    @torch.library.register_fake(lib + "_philox_words")
+    @torch.library.register_fake(f"{NAMESPACE}::_philox_words")
     def _(seed, counter, ncounters):
         return torch.empty((ncounters, 4), dtype=torch.int64)
 
-    for name in ("perturb", "fill_noise", "leapfrog", "tilt_accumulate", "finalize"):
-        torch.library.register_fake(lib + name)(lambda *args, **kwargs: None)
-
-
-def _key(runs) -> tuple:
-    """``runs`` as a hashable tuple of (buffer_offset, global_offset, length) tuples."""
-    return runs if isinstance(runs, tuple) and all(isinstance(r, tuple) for r in runs) else \
-        tuple(tuple(int(v) for v in r) for r in runs)
-
-
-@functools.lru_cache(maxsize=256)
-def _flat_runs(runs: tuple) -> Tuple[int, ...]:
-    """The op's int[] form of ``runs`` (cached: a bucket's runs are the same tuple every step)."""
-    return tuple(int(v) for run in runs for v in run)
-
 
 class CppOps:
-    """The op contract on CPU buffers via torch.ops.tsam_fast (fused, SIMD, OpenMP).
+    """The op contract on CPU buffers via ``torch.ops.tsam_fast`` (fused, SIMD, OpenMP): one attribute per
+    op of ``contract.OPS``, the registered operator itself (it takes the schema's arguments).
 
-    Noise between its two passes (spec section 5): the random start needs xi twice, for its norm
-    (``noise_sqnorm``) and then for the update (``perturb`` / ``tilt_accumulate``). By default it is
-    generated twice. With ``store_noise=True`` (or TSAM_FAST_CPP_STORE_NOISE=1) ``noise_sqnorm`` keeps the
-    normals in a per-bucket fp32 buffer (4 bytes per parameter, counted by ``held_bytes``) and the update
-    reads them when its (runs, seed) match. Results are identical either way. Measured on a 2-core
-    AVX-512 CPU (bench/cpp_overhead.py --noise, 10M parameters): storing saves ~5 ms per sample in the
-    isolated ops, but whole steps come out equal within noise (93.7 vs 91.3 ms overhead, medians of one
-    run), so the default keeps the optimizer's extra memory at theta0 + A.
+    The noise of a random start is generated twice, once for its norm (``noise_sqnorm``) and once in the
+    update (``perturb`` / ``tilt_accumulate``), never stored (docs/design.md §5). Storing it between the
+    two passes (4 more bytes per parameter) was measured and removed: on a 2-core AMD EPYC (AVX2) VM,
+    10M-parameter fp32 MLP, s = 3, ``ascent`` (``python3 bench/cpp_overhead.py --noise``, 2026-11-30, the
+    two variants' steps interleaved in one run), it made whole steps only 5.3% faster (median 449.1 vs
+    425.3 ms; optimizer overhead 164.3 vs 146.0 ms), and 6.6% over 30 paired steps in a second run --
+    below the 10% that would pay for the memory.
     """
 
-    #: buckets whose noise buffer is kept (least recently used ones are dropped beyond this)
-    max_stored = 32
+    namespace = NAMESPACE
 
-    def __init__(self, store_noise: Optional[bool] = None):
-        self.ops = torch.ops.tsam_fast
-        if store_noise is None:
-            store_noise = os.environ.get("TSAM_FAST_CPP_STORE_NOISE", "0") == "1"
-        self.store_noise = bool(store_noise)
-        self._stored: "OrderedDict[tuple, list]" = OrderedDict()  # runs -> [seed, xi]
+    def __init__(self):
+        for op in contract.OPS:
+            setattr(self, op.name, contract.registered(NAMESPACE, op.name))
 
     @property
     def isa(self) -> str:
         """The instruction set the kernels run with here ("avx512", "avx2" or "scalar")."""
-        return self.ops._isa()
-
-    def held_bytes(self) -> int:
-        """The kept noise buffers (4 bytes per parameter of every bucket seen recently, in this process)."""
-        return sum(xi.numel() * 4 for _, xi in self._stored.values())
-
-    def _stored_xi(self, runs, seed, n) -> Optional[torch.Tensor]:
-        """The kept normals of (runs, seed) for a buffer of n elements, or None (then they are generated)."""
-        if seed is None or not self._stored:
-            return None
-        entry = self._stored.get(runs)
-        if entry is None or entry[0] != seed or entry[1].numel() != n:
-            return None
-        return entry[1]
-
-    def noise_sqnorm(self, runs, seed, device):
-        runs = _key(runs)
-        if not self.store_noise:
-            return self.ops.noise_sqnorm(_flat_runs(runs), seed)
-        n = max((b + length for b, _, length in runs), default=0)
-        entry = self._stored.pop(runs, None)
-        xi = entry[1] if entry is not None and entry[1].numel() == n else torch.empty(n, dtype=torch.float32)
-        self._stored[runs] = [seed, xi]
-        while len(self._stored) > self.max_stored:
-            self._stored.popitem(last=False)
-        return self.ops.noise_sqnorm_store(xi, _flat_runs(runs), seed)
-
-    def sqnorm(self, x, scale=None):
-        return self.ops.sqnorm(x, scale)
-
-    def perturb(self, theta, theta0, runs, seed, coef, save_backup):
-        runs = _key(runs)
-        self.ops.perturb(theta, theta0, _flat_runs(runs), seed, coef, save_backup,
-                         self._stored_xi(runs, seed, theta.numel()))
-
-    def fill_noise(self, out, runs, seed, coef):
-        self.ops.fill_noise(out, _flat_runs(_key(runs)), seed, coef)
-
-    def leapfrog(self, theta, grad, kick, drift, momentum=None, precond=None):
-        self.ops.leapfrog(theta, grad, kick, drift, momentum, precond)
-
-    def tilt_accumulate(self, acc, grad, a, b, first, theta, theta0, runs, seed, coef):
-        runs = _key(runs)
-        self.ops.tilt_accumulate(acc, grad, a, b, first, theta, theta0, _flat_runs(runs), seed, coef,
-                                 self._stored_xi(runs, seed, theta.numel()))
-
-    def finalize(self, acc, grad, a, b, inv_z, first, theta, theta0):
-        self.ops.finalize(acc, grad, a, b, inv_z, first, theta, theta0)
+        return getattr(torch.ops, NAMESPACE)._isa()
 
 
 def probe() -> Tuple[Optional[Backend], BackendStatus]:
@@ -265,6 +191,7 @@ def probe() -> Tuple[Optional[Backend], BackendStatus]:
         return None, BackendStatus("cpp", False, ("cpu",), "disabled by TSAM_FAST_CPP_DISABLE=1")
     try:
         origin = _load()
+        contract.define(NAMESPACE)  # raises if a kernel's C++ signature disagrees with the table
         _register_fakes()
         ops = CppOps()
         isa = ops.isa

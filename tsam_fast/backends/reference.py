@@ -12,6 +12,7 @@ import torch
 
 from .. import rng
 from .base import Backend
+from .contract import run_triples
 
 _F32 = torch.float32
 
@@ -24,20 +25,21 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def _noise(runs, seed, n, device):
     """The bucket's noise as one fp32 buffer of ``n`` elements (generated, never cached); 0 outside the runs."""
     xi = torch.zeros(n, dtype=_F32, device=device)
-    for buf_off, glob_off, length in runs:
+    for buf_off, glob_off, length in run_triples(runs):
         rng.normal(seed, glob_off, length, out=xi[buf_off:buf_off + length])
     return xi
 
 
 class ReferenceOps:
-    """The ops of the contract over plain tensors (see ``Backend`` for how the step engine calls them)."""
+    """The ops of the contract over plain tensors, with the schemas' arguments (``contract.OPS``; ``runs``
+    are flat triples). See ``Backend`` for how the step engine calls them."""
 
     @staticmethod
     def noise_sqnorm(runs, seed, device):
         """``sum(xi**2)`` over the runs, accumulated and returned in fp64 on ``device`` (the fused backends
         return it rounded to fp32; the engine rounds it to its scalar dtype, so float64 steps keep it)."""
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for _, glob_off, length in runs:
+        for _, glob_off, length in run_triples(runs):
             total += rng.normal(seed, glob_off, length, device=device).double().square().sum()
         return total
 
