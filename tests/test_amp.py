@@ -10,19 +10,18 @@ from torch import nn
 from tsam_fast import TSAM
 
 from conftest import assert_close
+from tables import CONFIGS, TOYS, assert_unchanged, positions, snapshot
 
 CUDA = torch.cuda.is_available()
 AUTOCAST_CASES = [("cpu", torch.bfloat16)] + ([("cuda", torch.bfloat16), ("cuda", torch.float16)] if CUDA else [])
 AUTOCAST_IDS = [f"{d}-{str(t).split('.')[-1]}" for d, t in AUTOCAST_CASES]
 
 
-def _task(device, n=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 20, generator=g)
-    y = (x[:, :5].sum(1) > 0).long() + (x[:, 5] > 1).long()  # 3 classes
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 3))
-    return model.to(device), x.to(device), y.to(device)
+def _task(device):
+    """The GELU MLP toy (20-64-64-3, 128 points, 3 classes) on ``device``: model, x, y."""
+    toy = TOYS["gelu-mlp"]
+    x, y = toy.batch(device)
+    return toy.model(device), x, y
 
 
 def _train_autocast(device, dtype, backend, steps, **kw):
@@ -62,24 +61,22 @@ def test_autocast_trains(device, dtype):
 
 # -- fp16 recipe: torch.amp.GradScaler ------------------------------------------------------------
 
-SCALER_CASES = {
-    "ascent": dict(sampler="ascent", num_samples=3),
-    "ascent-clip": dict(sampler="ascent", num_samples=2, max_grad_norm=0.5),
-    "random": dict(sampler="random", num_samples=3),
-    "hmc": dict(sampler="hmc", num_samples=2, hmc_steps=2),
-}
-CALLS = {"ascent": 6, "ascent-clip": 4, "random": 3, "hmc": 6}
+SCALER_CASES = [
+    CONFIGS["ascent"].but(num_samples=3),
+    CONFIGS["ascent-clip"],  # 2 samples, max_grad_norm=0.5
+    CONFIGS["random"].but(num_samples=3),
+    CONFIGS["hmc"],  # 2 samples, 2 leapfrog steps
+]
 SCALER_DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 INIT_SCALE = 2.0 ** 12  # a power of two: scaling and unscaling are exact
 
 
-def _scaled_training(device, case, steps, use_scaler=True, inject=None):
+def _scaled_training(device, cfg, steps, use_scaler=True, inject=None):
     """TSAM with the README's GradScaler recipe; ``inject=(step, call)`` writes an inf into one scaled
     gradient at that closure call. Returns the model, optimizer, scaler and per-step snapshots."""
     model, x, y = _task(device)
     scaler = torch.amp.GradScaler(device, init_scale=INIT_SCALE, growth_interval=10**6) if use_scaler else None
-    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.2, momentum=0.9, seed=11, tilt=2.0, rho=0.05,
-               radius=0.02, grad_scaler=scaler, **SCALER_CASES[case])
+    opt = cfg.build(model, lr=0.2, momentum=0.9, seed=11, tilt=2.0, rho=0.05, radius=0.02, grad_scaler=scaler)
     step = 0
 
     def closure():
@@ -107,22 +104,22 @@ def _momenta(opt):
 
 
 @pytest.mark.parametrize("device", SCALER_DEVICES)
-@pytest.mark.parametrize("case", list(SCALER_CASES))
-def test_grad_scaler_matches_unscaled_training(device, case):
+@pytest.mark.parametrize("cfg", [c.param() for c in SCALER_CASES])
+def test_grad_scaler_matches_unscaled_training(device, cfg):
     """Without overflow the scaled recipe follows the unscaled trajectory: the ascent direction is
     normalised, HMC kicks and the clip threshold are unscaled, and the scaler unscales the final gradient."""
-    got, *_ = _scaled_training(device, case, 4)
-    want, *_ = _scaled_training(device, case, 4, use_scaler=False)
+    got, *_ = _scaled_training(device, cfg, 4)
+    want, *_ = _scaled_training(device, cfg, 4, use_scaler=False)
     for a, b in zip(got.parameters(), want.parameters()):
-        assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6, what=f"{case} parameters")
+        assert_close(a.detach().cpu(), b.detach().cpu(), rtol=1e-5, atol=1e-6, what=f"{cfg.id} parameters")
 
 
 @pytest.mark.parametrize("device", SCALER_DEVICES)
-@pytest.mark.parametrize("case,call", [(c, k) for c in SCALER_CASES for k in range(CALLS[c])])
-def test_grad_scaler_overflow_skips_the_step(device, case, call):
+@pytest.mark.parametrize("cfg,call", positions(*SCALER_CASES))
+def test_grad_scaler_overflow_skips_the_step(device, cfg, call):
     """An inf in the gradient of any closure call: no error, the parameters and the base optimizer's
     state stay as they were, the scale is backed off, and the next step trains normally."""
-    model, opt, scaler, snaps = _scaled_training(device, case, 3, inject=(1, call))
+    model, opt, scaler, snaps = _scaled_training(device, cfg, 3, inject=(1, call))
     skipped_from, after_skip = snaps[1], snaps[2]
     for a, b in zip(skipped_from["params"], after_skip["params"]):
         assert torch.equal(a, b), "a skipped step moved the parameters"
@@ -147,10 +144,10 @@ def test_grad_scaler_closure_must_scale():
     model, x, y = _task("cpu")
     opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, sampler="hmc", num_samples=1,
                grad_scaler=torch.amp.GradScaler("cpu"))
-    before = [p.detach().clone() for p in model.parameters()]
+    snap = snapshot(model, opt)
     with pytest.raises(RuntimeError, match=r"never called scaler\.scale\(loss\)"):
         opt.step(lambda: (l := nn.functional.cross_entropy(model(x), y)).backward() or l)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert_unchanged(snap)
 
 
 @pytest.mark.parametrize("sampler", ["ascent", "hmc"])
@@ -170,10 +167,10 @@ def test_grad_scaler_sees_an_overflow_when_the_first_parameter_is_unused(sampler
             model[0].weight.grad[0, 0] = float("inf")
         return loss
 
-    before = [p.detach().clone() for p in model.parameters()]
+    snap = snapshot(model)
     opt.step(closure)
     scaler.update()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "the step was not skipped"
+    assert_unchanged(snap)  # the step was skipped
     assert scaler.get_scale() == INIT_SCALE / 2
 
 

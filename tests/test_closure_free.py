@@ -7,7 +7,6 @@ the parameters exactly at theta0, no gradients and the optimizer state unchanged
 
 from __future__ import annotations
 
-import copy
 import gc
 
 import pytest
@@ -15,6 +14,8 @@ import torch
 from torch import nn
 
 from tsam_fast import TSAM, NonFiniteLossError, bn_update_once_per_step
+
+from tables import assert_unchanged, evaluations, one_thread, snapshot  # noqa: F401  (one_thread: fixture)
 
 CONFIGS = {
     "ascent": dict(),
@@ -27,12 +28,7 @@ CONFIGS = {
 BACKENDS = ["reference", "cpp"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(backend="auto", groups=True, **kw):
@@ -59,21 +55,11 @@ def _loop_step(opt, model, x, y):
     return run.finish()
 
 
-def _snapshot(model, opt):
-    return ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()), opt.step_count)
-
-
-def _assert_unchanged(model, opt, snap, grads_left=False):
-    params, sd, count = snap
-    for p, q in zip(model.parameters(), params):
-        assert torch.equal(p.detach(), q), "the parameters are not back at theta0 bit for bit"
-        assert grads_left or p.grad is None, "a gradient was left behind"
-    assert opt.step_count == count
-    assert opt.closure_index is None
-    now = opt.state_dict()
-    for a, b in zip(now["state"].values(), sd["state"].values()):
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"optimizer state {key!r} changed"
+def _assert_unchanged(snap, grads_left=False):
+    """``tables.assert_unchanged`` (parameters at theta0 bit for bit, state_dict, step_count, ...) and no
+    gradient left behind; ``grads_left``: the step had finished, its gradients must stay as they were."""
+    assert_unchanged(snap, in_step=not grads_left)
+    assert grads_left or all(p.grad is None for p in snap.model.parameters()), "a gradient was left behind"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -153,7 +139,7 @@ def test_zero_grad_inside_an_evaluation_keeps_the_flat_views():
 
 # -- abandoning the loop ------------------------------------------------------------------------
 
-POSITIONS = [(name, k) for name in ("ascent", "hmc", "random-ball") for k in range(6 if name != "random-ball" else 3)]
+POSITIONS = [(name, k) for name in ("ascent", "hmc", "random-ball") for k in range(evaluations(CONFIGS[name]))]
 
 
 class Boom(Exception):
@@ -165,7 +151,7 @@ class Boom(Exception):
 def test_leaving_the_loop_restores_theta0(name, position, how):
     model, x, y, opt = _setup(**CONFIGS[name])
     _loop_step(opt, model, x, y)  # base-optimizer state exists
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     run = opt.begin_step()
     try:
         for ev in run:
@@ -183,22 +169,23 @@ def test_leaving_the_loop_restores_theta0(name, position, how):
     if how == "drop":
         del run
         gc.collect()
-    _assert_unchanged(model, opt, snap)
+    _assert_unchanged(snap)
     if how != "drop":
         with pytest.raises(RuntimeError, match="abandoned"):
             run.finish()
     _loop_step(opt, model, x, y)  # the next step runs normally
-    assert opt.step_count == snap[2] + 1
+    assert opt.step_count == snap.step_count + 1
 
 
 def test_dropping_a_run_before_its_loop_restores_theta0():
     model, x, y, opt = _setup()
-    snap = _snapshot(model, opt)
+    theta0 = next(model.parameters()).detach().clone()
+    snap = snapshot(model, opt)
     run = opt.begin_step()
-    assert not torch.equal(next(model.parameters()).detach(), snap[0][0])  # perturbed to the first point
+    assert not torch.equal(next(model.parameters()).detach(), theta0)  # perturbed to the first point
     del run
     gc.collect()
-    _assert_unchanged(model, opt, snap)
+    _assert_unchanged(snap)
 
 
 # -- misuse: a clear error, nothing lost ---------------------------------------------------------
@@ -282,11 +269,11 @@ def _finish_twice(opt, model, x, y):
         loss.backward()
         run.record(loss)
     run.finish()
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     try:
         run.finish()
     finally:
-        _assert_unchanged(model, opt, snap, grads_left=True)  # the finished step's gradient stays
+        _assert_unchanged(snap, grads_left=True)  # the finished step's gradient stays
 
 
 def _nan_loss(opt, model, x, y):
@@ -327,12 +314,12 @@ def test_misuse_is_a_clear_error_and_loses_nothing(name):
     fn, exc, match = MISUSE[name]
     model, x, y, opt = _setup()
     _loop_step(opt, model, x, y)
-    snap = _snapshot(model, opt) if name != "finish-twice" else None
+    snap = snapshot(model, opt) if name != "finish-twice" else None
     with pytest.raises(exc, match=match):
         fn(opt, model, x, y)
     gc.collect()
     if snap is not None:
-        _assert_unchanged(model, opt, snap)
+        _assert_unchanged(snap)
     before = opt.step_count
     _loop_step(opt, model, x, y)  # nothing is stuck: the next step runs
     assert opt.step_count == before + 1

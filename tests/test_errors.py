@@ -11,10 +11,14 @@ from torch import nn
 from tsam_fast import TSAM, BackendUnavailable, NonFiniteLossError
 from tsam_fast import backends as backends_mod
 
+from tables import CONFIGS, TOYS, assert_unchanged, faulty_closure, positions, snapshot
+
+LINEAR = TOYS["linear"]
+
 
 def model_and_data():
-    torch.manual_seed(0)
-    return nn.Linear(4, 3), torch.randn(6, 4)
+    """The linear toy model and its inputs (loss: mean of the squared outputs)."""
+    return LINEAR.model(), LINEAR.batch()[0]
 
 
 # (constructor kwargs, error type, message regex)
@@ -82,58 +86,26 @@ def test_unavailable_backend(monkeypatch, caplog):
     assert len(lines) == 1 and "cpp unavailable: no compiler" in lines[0]
 
 
-def _snapshot(model, opt):
-    return ([p.detach().clone() for p in model.parameters()], opt.step_count,
-            {k: {n: v.clone() for n, v in s.items()} for k, s in opt.base_optimizer.state.items()})
-
-
-def _assert_unchanged(model, opt, snap):
-    params, count, state = snap
-    for p, q in zip(model.parameters(), params):
-        assert torch.equal(p, q)
-    assert opt.step_count == count
-    assert set(opt.base_optimizer.state) == set(state)
-    for k, s in state.items():
-        for n, v in s.items():
-            assert torch.equal(opt.base_optimizer.state[k][n], v)
-
-
-def _trained(sampler="ascent"):
+def _trained(cfg=CONFIGS["ascent"]):
+    """The linear model and a reference-backend TSAM of ``cfg`` after one step (momentum buffers exist)."""
     model, x = model_and_data()
-    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, sampler=sampler, num_samples=2,
-               hmc_steps=2, radius=0.1, backend="reference")
-    opt.step(lambda: (l := model(x).square().mean()).backward() or l)
+    opt = cfg.build(model, lr=0.1, momentum=0.9, radius=0.1, backend="reference")
+    opt.step(LINEAR.closure(model, (x, None)))
     return model, x, opt
 
 
-CALLS = {"ascent": 4, "random": 2, "hmc": 6}
-POSITIONS = [(s, i) for s, n in CALLS.items() for i in range(n)]
-
-
-@pytest.mark.parametrize("sampler,position", POSITIONS)
-@pytest.mark.parametrize("failure", ["raise", "nan", "inf"])
-def test_failing_closure_undoes_the_step(sampler, position, failure):
-    model, x, opt = _trained(sampler)
-    snap = _snapshot(model, opt)
-    calls = []
-
-    def closure():
-        calls.append(1)
-        loss = model(x).square().mean()
-        if len(calls) - 1 == position:
-            if failure == "raise":
-                raise KeyError("data loader broke")
-            loss = loss * float(failure)
-        loss.backward()
-        return loss
-
+@pytest.mark.parametrize("cfg,position", positions(CONFIGS["ascent"], CONFIGS["random"], CONFIGS["hmc"]))
+@pytest.mark.parametrize("failure", ["raise", "nan-loss", "inf-loss"])
+def test_failing_closure_undoes_the_step(cfg, position, failure):
+    model, x, opt = _trained(cfg)
+    snap = snapshot(model, opt)
     with pytest.raises(KeyError if failure == "raise" else NonFiniteLossError):
-        opt.step(closure)
-    _assert_unchanged(model, opt, snap)
+        opt.step(faulty_closure(model, x, position, failure))
+    assert_unchanged(snap)
     assert all(p.grad is None for p in model.parameters())
     assert opt.closure_index is None
-    loss = opt.step(lambda: (l := model(x).square().mean()).backward() or l)  # and it still trains
-    assert math.isfinite(float(loss)) and opt.step_count == snap[1] + 1
+    loss = opt.step(LINEAR.closure(model, (x, None)))  # and it still trains
+    assert math.isfinite(float(loss)) and opt.step_count == snap.step_count + 1
 
 
 BAD_CLOSURES = [
@@ -148,10 +120,10 @@ BAD_CLOSURES = [
 @pytest.mark.parametrize("fn,exc,match", BAD_CLOSURES, ids=["none", "non-scalar", "no-backward", "int", "str"])
 def test_bad_closures(fn, exc, match):
     model, x, opt = _trained()
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
     with pytest.raises(exc, match=match):
         opt.step(lambda: fn(model, x))
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(snap)
 
 
 def test_missing_closure():
@@ -162,14 +134,14 @@ def test_missing_closure():
 
 def test_nested_step_is_rejected():
     model, x, opt = _trained()
-    snap = _snapshot(model, opt)
+    snap = snapshot(model, opt)
 
     def closure():
         opt.step(lambda: (l := model(x).sum()).backward() or l)
 
     with pytest.raises(RuntimeError, match="inside its own closure"):
         opt.step(closure)
-    _assert_unchanged(model, opt, snap)
+    assert_unchanged(snap)
 
 
 def test_check_finite_off_lets_nan_through_without_raising():
@@ -195,8 +167,8 @@ def test_deepcopy_continues_identically():
     model2, opt2 = copy.deepcopy((model, opt))
     assert opt2.param_groups[0]["params"][0] is model2.weight
     for _ in range(2):
-        opt.step(lambda: (l := model(x).square().mean()).backward() or l)
-        opt2.step(lambda: (l := model2(x).square().mean()).backward() or l)
+        opt.step(LINEAR.closure(model, (x, None)))
+        opt2.step(LINEAR.closure(model2, (x, None)))
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
     assert opt2.step_count == opt.step_count == 3

@@ -31,30 +31,17 @@ from tsam_fast import TSAM, BackendUnavailable, NonFiniteLossError
 
 from conftest import assert_close
 from naive import NaiveTSAM
+from tables import TOYS, assert_unchanged, faulty_closure, one_thread, snapshot  # noqa: F401  (one_thread: fixture)
 
-X = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and far faster when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+TINY = TOYS["tiny-mlp"]  # 4-8-3 tanh MLP, loss mean(out^2)
+X = TINY.batch()[0]
+_mlp = TINY.model
 
 
 def _clean(model, x=X):
-    def closure():
-        loss = model(x).square().mean()
-        loss.backward()
-        return loss
-    return closure
+    return TINY.closure(model, (x, None))
 
 
 def _trained(base=torch.optim.SGD, warm=True, **kw):
@@ -66,28 +53,6 @@ def _trained(base=torch.optim.SGD, warm=True, **kw):
     if warm:
         opt.step(_clean(model))
     return model, opt
-
-
-def _faulty(model, position, fault):
-    """A closure that misbehaves at closure call ``position`` of a step (0-based) and is clean otherwise."""
-    calls = []
-
-    def closure():
-        calls.append(None)
-        hit = len(calls) - 1 == position
-        loss = model(X).square().mean()
-        if hit and fault == "nan-loss":
-            loss = loss * float("nan")
-        elif hit and fault == "inf-loss":
-            loss = loss * float("inf")
-        elif hit and fault == "sqrt0":  # d/dw sqrt(0 * w) = 0 * inf = NaN: a finite loss with a NaN gradient
-            loss = loss + torch.sqrt(model[0].weight[0, 0] * 0.0)
-        if not (hit and fault == "no-backward"):
-            loss.backward()
-        if hit and fault == "inf-grad":  # the closure scribbles on a gradient after backward
-            model[0].weight.grad[0, 0] = float("inf")
-        return loss
-    return closure
 
 
 # -- the hostile table ---------------------------------------------------------------------------
@@ -103,73 +68,6 @@ class Case:
     in_step: bool = True  # the failing call is a step: it may clear the gradients (it leaves none behind)
     recover: Optional[Callable[[], object]] = None  # a clean closure: after the failure the optimizer still trains
     cleanup: Optional[Callable[[], object]] = None  # undoes what the row set up (e.g. a process group)
-
-
-def _bits(t: torch.Tensor):
-    t = t.detach()
-    if t.device.type == "meta":
-        return (t.dtype, tuple(t.shape), "meta", None)
-    return (t.dtype, tuple(t.shape), t.device.type, t.cpu().contiguous().reshape(-1).view(torch.uint8).clone())
-
-
-def _same_bits(a, b) -> bool:
-    return a[:3] == b[:3] and (a[3] is None or torch.equal(a[3], b[3]))
-
-
-def _assert_same(a, b, path="state_dict"):
-    """Deep equality of nested state: tensors bit-exact, floats equal (NaN == NaN)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and _same_bits(_bits(a), _bits(b)), f"{path} changed"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), f"{path} changed: {a!r} != {b!r}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a):
-        assert math.isnan(b), f"{path} changed: {a!r} != {b!r}"
-    else:
-        assert a == b, f"{path} changed: {a!r} != {b!r}"
-
-
-def _tracked(case: Case) -> List[torch.Tensor]:
-    out, seen = [], set()
-    pools = [case.model.parameters() if case.model is not None else (), case.others,
-             (p for g in case.opt.param_groups for p in g["params"]) if case.opt is not None else ()]
-    for pool in pools:
-        for t in pool:
-            if id(t) not in seen:
-                seen.add(id(t))
-                out.append(t)
-    return out
-
-
-def _snapshot(case: Case):
-    tensors = _tracked(case)
-    opt_ids = {id(p) for g in case.opt.param_groups for p in g["params"]} if case.opt is not None else set()
-    snap = dict(values=[(t, _bits(t)) for t in tensors],
-                grads=[(t, None if t.grad is None else _bits(t.grad)) for t in tensors if id(t) in opt_ids])
-    if case.opt is not None:
-        snap["state_dict"] = copy.deepcopy(case.opt.state_dict())
-        snap["step_count"] = case.opt.step_count
-    return snap
-
-
-def _assert_unchanged(case: Case, snap):
-    for i, (t, before) in enumerate(snap["values"]):
-        assert _same_bits(_bits(t), before), f"tensor {i} ({tuple(t.shape)}) changed"
-    for i, (t, before) in enumerate(snap["grads"]):
-        if t.grad is None and case.in_step:
-            continue  # a failed step leaves no gradients behind
-        assert (t.grad is None) == (before is None), f"gradient {i}: presence changed"
-        if before is not None:
-            assert _same_bits(_bits(t.grad), before), f"gradient {i} changed"
-    if case.opt is not None:
-        assert case.opt.step_count == snap["step_count"], "step_count changed"
-        _assert_same(case.opt.state_dict(), snap["state_dict"])
-        assert case.opt.closure_index is None
 
 
 # Rows. Each builder sets the scene (the misuse itself included where it is not the failing call) and
@@ -220,7 +118,7 @@ def row_same_param_two_groups():
 def _closure_row(fault, position, **kw):
     def build():
         model, opt = _trained(**kw)
-        return Case(lambda: opt.step(_faulty(model, position, fault)), model, opt, recover=_clean(model))
+        return Case(lambda: opt.step(faulty_closure(model, X, position, fault)), model, opt, recover=_clean(model))
     return build
 
 
@@ -400,18 +298,18 @@ HOSTILE = [
     pytest.param(_closure_row("no-backward", 2), RuntimeError,
                  r"(?s)no parameter received a gradient.*must call\s+loss\.backward\(\)", id="skips-backward-once"),
     # finite loss, non-finite gradient (check_finite=True is the default)
-    pytest.param(_closure_row("sqrt0", 0), NonFiniteLossError, _NONFINITE_GRAD, id="nan-grad-ascent-call"),
-    pytest.param(_closure_row("sqrt0", 1), NonFiniteLossError, _NONFINITE_GRAD, id="nan-grad-sample-call"),
+    pytest.param(_closure_row("nan-grad", 0), NonFiniteLossError, _NONFINITE_GRAD, id="nan-grad-ascent-call"),
+    pytest.param(_closure_row("nan-grad", 1), NonFiniteLossError, _NONFINITE_GRAD, id="nan-grad-sample-call"),
     pytest.param(_closure_row("inf-grad", 3), NonFiniteLossError, _NONFINITE_GRAD, id="inf-grad-sample-call"),
-    pytest.param(_closure_row("sqrt0", 1, sampler="random"), NonFiniteLossError, _NONFINITE_GRAD,
+    pytest.param(_closure_row("nan-grad", 1, sampler="random"), NonFiniteLossError, _NONFINITE_GRAD,
                  id="nan-grad-random-sampler"),
     pytest.param(_closure_row("inf-grad", 0, sampler="hmc"), NonFiniteLossError, _NONFINITE_GRAD,
                  id="inf-grad-hmc-leapfrog-call"),
     pytest.param(_closure_row("inf-grad", 0, sampler="hmc", max_grad_norm=10.0), NonFiniteLossError,
                  _NONFINITE_GRAD, id="inf-grad-hmc-leapfrog-call-clipped"),
-    pytest.param(_closure_row("sqrt0", 1, sampler="hmc"), NonFiniteLossError, _NONFINITE_GRAD,
+    pytest.param(_closure_row("nan-grad", 1, sampler="hmc"), NonFiniteLossError, _NONFINITE_GRAD,
                  id="nan-grad-hmc-sample-call"),
-    pytest.param(_closure_row("sqrt0", 1, max_grad_norm=10.0), NonFiniteLossError, _NONFINITE_GRAD,
+    pytest.param(_closure_row("nan-grad", 1, max_grad_norm=10.0), NonFiniteLossError, _NONFINITE_GRAD,
                  id="nan-grad-sample-call-clipped"),
     # unsupported parameters and gradients
     pytest.param(row_sparse_gradients, RuntimeError, r"(?s)sparse gradients.*sparse_coo.*sparse=False",
@@ -464,10 +362,10 @@ HOSTILE = [
 def test_hostile(build, exc, match):
     case = build()
     try:
-        snap = _snapshot(case)
+        snap = snapshot(case.model, case.opt, case.others)
         with pytest.raises(exc, match=match):
             case.act()
-        _assert_unchanged(case, snap)
+        assert_unchanged(snap, in_step=case.in_step)
     finally:
         if case.cleanup is not None:
             case.cleanup()

@@ -15,18 +15,14 @@ from torch import nn
 import tsam_fast
 from tsam_fast import TSAM
 
+from tables import SAMPLERS, TOYS, config
+
 READS = ("__bool__", "item", "__float__", "__int__", "__index__", "tolist")
 BACKENDS = [b for b in ("reference", "cpp") if tsam_fast.backend_info()[b].available]
-OPTIONS = {
-    "plain": dict(),
-    "clip": dict(max_grad_norm=1.0),
-    "delta": dict(delta=0.5, tilt=0.2),
-    "adaptive-ball": dict(adaptive=True, start="ball"),
-    "sphere": dict(start="sphere"),
-    "none": dict(start="none", num_samples=1),
-}
-CASES = [(s, o) for s in ("ascent", "random", "hmc") for o in OPTIONS
-         if not (o == "adaptive-ball" and s != "ascent")]
+# every sampler with each option (tables.VARIANTS); delta with a tilt below it (t - delta < 0)
+OPTION_SETS = [(), ("clip",), ("delta",), ("adaptive", "ball"), ("sphere",), ("none", "s1")]
+CASES = [config(s, *o, **(dict(tilt=0.2) if "delta" in o else {})) for s in SAMPLERS for o in OPTION_SETS
+         if not ("adaptive" in o and s != "ascent")]
 
 
 @pytest.fixture
@@ -45,13 +41,13 @@ def host_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sampler,option", CASES, ids=[f"{s}-{o}" for s, o in CASES])
-def test_step_reads_nothing_on_the_host(host_reads, backend, sampler, option):
+@pytest.mark.parametrize("cfg", [c.param() for c in CASES])
+def test_step_reads_nothing_on_the_host(host_reads, backend, cfg):
     seen, armed = host_reads
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 16), nn.GELU(), nn.Linear(16, 3))
+    toy = TOYS["gelu-mlp"]
+    model = toy.model()
     extra = nn.Linear(3, 3).to(torch.bfloat16)  # a second group, another dtype: two buckets
-    x, y = torch.randn(64, 20), torch.randint(0, 3, (64,))
+    x, y = toy.batch()
     ones = torch.ones(3, dtype=torch.bfloat16)
 
     def closure():
@@ -61,10 +57,10 @@ def test_step_reads_nothing_on_the_host(host_reads, backend, sampler, option):
         armed[0] = True
         return loss
 
-    kw = dict(OPTIONS[option])
+    kw = dict(cfg.options)
     tilt = kw.pop("tilt", 3.0)
     opt = TSAM([{"params": model.parameters(), "tilt": tilt}, {"params": extra.parameters(), "tilt": 0.0}],
-               torch.optim.SGD, lr=0.01, momentum=0.9, sampler=sampler, check_finite=False, backend=backend, **kw)
+               torch.optim.SGD, lr=0.01, momentum=0.9, check_finite=False, backend=backend, **kw)
     opt.step(closure)  # the first step builds the flat buffers
     armed[0] = True
     try:

@@ -13,26 +13,22 @@ from tsam_fast import TSAM, rng
 from naive import NaiveTSAM
 
 from conftest import assert_close
+from tables import CONFIGS, TOYS
+
+SMALL = TOYS["small-mlp"]  # 6-16-3 tanh MLP, 32 points, 3 classes, cross-entropy
 
 
 def mlp(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    return SMALL.model(seed=seed, dtype=dtype)
 
 
-def data(seed=1, n=32, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g).to(dtype), torch.randint(0, 3, (n,), generator=g)
+def data():
+    return SMALL.batch()
 
 
 def make_closure(model, x, y, log=None):
-    def closure():
-        if log is not None:
-            log.append([p.detach().clone() for p in model.parameters()])
-        loss = nn.functional.cross_entropy(model(x).float(), y)
-        loss.backward()
-        return loss
-    return closure
+    """The clean closure; ``log`` collects the parameters at each call."""
+    return SMALL.closure(model, (x, y), log)
 
 
 def run_pair(steps=4, model_fn=mlp, groups_fn=None, **kw):
@@ -307,15 +303,28 @@ def test_step_hooks_fire_once_per_step():
     assert calls == ["pre", "post"]
 
 
+def _spec_calls(sampler="ascent", num_samples=3, hmc_steps=1, **_):
+    """The spec's closure calls per step: 2s for ascent, s for random, s(1 + K) for hmc."""
+    return num_samples * {"ascent": 2, "random": 1, "hmc": 1 + hmc_steps}[sampler]
+
+
 def test_closure_call_count_per_sampler():
+    """A step calls the closure as often as the spec says and as ``evaluations_per_step`` reports, for
+    these counts and for every config of tests/tables.py (whose call counts the failure tests use)."""
+    x, y = data()
     for sampler, s, k, expected in [("ascent", 3, 1, 6), ("random", 3, 1, 3), ("hmc", 2, 3, 8)]:
         model = mlp()
-        x, y = data()
         log = []
         opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, sampler=sampler, num_samples=s, hmc_steps=k,
                    backend="reference")
         opt.step(make_closure(model, x, y, log))
-        assert len(log) == expected, sampler
+        assert len(log) == expected == opt.evaluations_per_step, sampler
+    for cfg in CONFIGS.values():
+        model = mlp()
+        log = []
+        opt = cfg.build(model, lr=0.1, backend="reference")
+        opt.step(make_closure(model, x, y, log))
+        assert len(log) == _spec_calls(**cfg.options) == opt.evaluations_per_step == cfg.evaluations(), cfg.id
 
 
 def test_extra_memory_does_not_grow_with_samples():

@@ -19,16 +19,9 @@ from tsam_fast import TSAM
 
 from conftest import assert_close
 from naive import NaiveTSAM
+from tables import one_thread  # noqa: F401  (the fixture: tiny models run faster on one thread)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is faster, and much faster when other work shares the cores
-    (OpenMP workers then wait on each other: ~50x slower steps were measured on a busy 2-core VM)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n=256, d=8, k=4, seed=0):

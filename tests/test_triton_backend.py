@@ -1,8 +1,8 @@
 """Triton-specific tests: the in-kernel generator against ``tsam_fast.rng``, noise runs at awkward global
-offsets, the registered ops (opcheck, torch.compile), whole TSAM trajectories against the reference
-and C++ backends, and the GPU-only checks (full-size parity, 64-bit indexing, no host sync, a CUDA
-trajectory against the CPU reference). On a GPU the device-generic tests run on CUDA: the trajectory
-tests then compare the CUDA Triton trajectory with the reference on CUDA and the C++ backend on the CPU.
+offsets, the registered ops (opcheck, torch.compile) and the GPU-only checks (full-size parity, 64-bit
+indexing, no host sync). On a GPU the device-generic tests run on CUDA. Whole TSAM trajectories against
+the reference and C++ backends (and, on a GPU, the CUDA trajectory against the CPU reference) are in
+``tests/test_trajectory.py``.
 
 Without CUDA the kernels run in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` has to be in the
 environment before triton is first imported; this module sets it for a run of this file alone, and
@@ -24,8 +24,9 @@ import pytest  # noqa: E402
 
 import tsam_fast  # noqa: E402
 from tsam_fast import TSAM, rng  # noqa: E402
-from tsam_fast.backends import resolve_backend  # noqa: E402
-from tsam_fast.backends.reference import ReferenceBackend  # noqa: E402
+from tsam_fast.backends import contract, resolve_backend  # noqa: E402
+from tsam_fast.backends.contract import flat_runs  # noqa: E402
+from tsam_fast.backends.reference import ReferenceOps  # noqa: E402
 
 from conftest import DTYPES, DTYPE_IDS, TOL, assert_close  # noqa: E402
 
@@ -42,8 +43,8 @@ if not CUDA and "cpu" not in STATUS.devices:
 from tsam_fast._kernels import launch  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-TRITON = resolve_backend("triton", DEVICE)
-REF = ReferenceBackend()
+TRITON = resolve_backend("triton", DEVICE).ops  # the op contract (runs as flat int[] triples)
+REF = ReferenceOps()
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton kernels, not the interpreter)")
 
 # Normals: the integer part is exact; the float transform (log, sqrt, cos, sin) may differ by a few ulps
@@ -115,7 +116,7 @@ RUN_CASES = [(layout, n) for layout in RUN_LAYOUTS for n in (1, 5, 301, 3001) if
 
 @pytest.mark.parametrize("layout,n", RUN_CASES, ids=[f"{layout}-n{n}" for layout, n in RUN_CASES])
 def test_noise_ops_over_runs(layout, n):
-    runs, seed, coef = RUN_LAYOUTS[layout](n), 2**40 + 99, _scalar(0.61)
+    runs, seed, coef = flat_runs(RUN_LAYOUTS[layout](n)), 2**40 + 99, _scalar(0.61)
     dev = torch.device(DEVICE)
     assert_close(TRITON.noise_sqnorm(runs, seed, dev).cpu(), REF.noise_sqnorm(runs, seed, dev).cpu(),
                  rtol=1e-5, atol=1e-6, what="noise_sqnorm")
@@ -134,12 +135,12 @@ def test_noise_matches_rng_normal_for_any_split():
     """A parameter's noise does not depend on how its global range is split into runs or buckets."""
     seed, n = 77, 1037
     whole = torch.zeros(n, device=DEVICE)
-    TRITON.fill_noise(whole, ((0, 2**33 + 2, n),), seed, _scalar(1.0))
+    TRITON.fill_noise(whole, (0, 2**33 + 2, n), seed, _scalar(1.0))
     assert_close(whole.cpu(), rng.normal(seed, 2**33 + 2, n), **TOL[torch.float32], what="vs rng.normal")
     split = torch.zeros(n, device=DEVICE)
     cuts = (0, 3, 4, 9, 500, 1000, n)
     runs = tuple((a, 2**33 + 2 + a, b - a) for a, b in zip(cuts, cuts[1:]))
-    TRITON.fill_noise(split, runs, seed, _scalar(1.0))
+    TRITON.fill_noise(split, flat_runs(runs), seed, _scalar(1.0))
     assert torch.equal(split, whole)
 
 
@@ -148,13 +149,13 @@ def test_noise_matches_rng_normal_for_any_split():
 def test_runs_must_tile_the_bucket(runs):
     theta = torch.zeros(7, device=DEVICE)
     with pytest.raises(ValueError, match="runs"):
-        TRITON.perturb(theta, theta.clone(), runs, 1, _scalar(1.0), False)
+        TRITON.perturb(theta, theta.clone(), flat_runs(runs), 1, _scalar(1.0), False)
 
 
 def test_scalars_must_be_device_tensors():
     theta = torch.zeros(7, device=DEVICE)
     with pytest.raises(TypeError, match="coef must be a 0-dim fp32 tensor"):
-        TRITON.perturb(theta, theta.clone(), ((0, 0, 7),), 1, 0.5, False)
+        TRITON.perturb(theta, theta.clone(), (0, 0, 7), 1, 0.5, False)
     with pytest.raises(TypeError, match="kick"):
         TRITON.leapfrog(theta, theta.clone(), _scalar(1.0).double(), _scalar(1.0))
 
@@ -177,8 +178,8 @@ def test_noise_free_results_bit_identical(dtype):
         assert m_out is None or torch.equal(m_out, m_ref)
     for first in (True, False):
         outs, refs = [acc.clone(), theta.clone()], [acc.clone(), theta.clone()]
-        TRITON.tilt_accumulate(outs[0], grad, s(0.8), s(1.3), first, outs[1], theta0, ((0, 3, n),), None, s(0.0))
-        REF.tilt_accumulate(refs[0], grad, s(0.8), s(1.3), first, refs[1], theta0, ((0, 3, n),), None, s(0.0))
+        TRITON.tilt_accumulate(outs[0], grad, s(0.8), s(1.3), first, outs[1], theta0, (0, 3, n), None, s(0.0))
+        REF.tilt_accumulate(refs[0], grad, s(0.8), s(1.3), first, refs[1], theta0, (0, 3, n), None, s(0.0))
         assert torch.equal(outs[0], refs[0]) and torch.equal(outs[1], refs[1]), "tilt_accumulate"
         outs, refs = [grad.clone(), theta.clone()], [grad.clone(), theta.clone()]
         TRITON.finalize(acc, outs[0], s(0.6), s(0.3), s(1 / 2.9), first, outs[1], theta0)
@@ -186,40 +187,39 @@ def test_noise_free_results_bit_identical(dtype):
         assert torch.equal(outs[0], refs[0]) and torch.equal(outs[1], refs[1]), "finalize"
     for save in (True, False):
         outs, refs = [theta.clone(), theta0.clone()], [theta.clone(), theta0.clone()]
-        TRITON.perturb(*outs, ((0, 3, n),), None, s(0.5), save)
-        REF.perturb(*refs, ((0, 3, n),), None, s(0.5), save)
+        TRITON.perturb(*outs, (0, 3, n), None, s(0.5), save)
+        REF.perturb(*refs, (0, 3, n), None, s(0.5), save)
         assert torch.equal(outs[0], refs[0]) and torch.equal(outs[1], refs[1]), "perturb without noise"
 
 
 # -- registration ---------------------------------------------------------------------------------
 
 
-def _op_samples(n=37, dtype=torch.float32):
-    d = dict(device=DEVICE)
-    t = lambda: torch.randn(n, **d).to(dtype)  # noqa: E731
-    runs = [0, 5, 20, 20, 1002, n - 20]
-    s = _scalar
-    return {
-        "noise_sqnorm": (runs, 2**40 + 1, torch.device(DEVICE)),
-        "sqnorm": (t(), t()),
-        "perturb": (t(), t(), runs, 9, s(0.3), True),
-        "fill_noise": (torch.randn(n, **d), runs, 9, s(0.3)),
-        "leapfrog": (t(), t(), s(0.1), s(0.7), torch.randn(n, **d), None),
-        "tilt_accumulate": (torch.randn(n, **d), t(), s(0.4), s(0.6), False, t(), t(), runs, 9, s(0.2)),
-        "finalize": (torch.randn(n, **d), t(), s(0.4), s(0.6), s(0.5), False, t(), t()),
-    }
+# every op and mode of the contract table; fp32 and bf16 (the interpreter is slow: fp16 is left to test_ops)
+OPCHECK = contract.opcheck_cases("tsam_fast_triton", dtypes=(torch.float32, torch.bfloat16))
 
 
-@pytest.mark.parametrize("op", list(_op_samples()))
-def test_opcheck(op):
+@pytest.mark.parametrize("name,case,dtype", [c[1:] for c in OPCHECK], ids=[c[0] for c in OPCHECK])
+def test_opcheck(name, case, dtype):
     """Schemas, declared mutations and fake implementations of the registered ops (torch.library.opcheck)."""
-    torch.library.opcheck(getattr(torch.ops.tsam_fast_triton, op).default, _op_samples()[op],
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    contract.opcheck("tsam_fast_triton", name, case, dtype, device=DEVICE)
+
+
+def test_launchers_take_the_tables_arguments():
+    """Each registered launcher takes its op's schema arguments by the schema's names and defaults."""
+    import inspect
+
+    from tsam_fast._kernels import ops
+
+    for op in contract.OPS:
+        params = inspect.signature(ops.LAUNCHERS[op.name]).parameters.values()
+        assert [(p.name, p.default is not inspect.Parameter.empty) for p in params] == \
+            [(a.name, a.has_default_value()) for a in op.parsed.arguments], op.name
 
 
 def test_torch_compile_sees_registered_ops():
     """torch.compile(fullgraph=True) traces user code that calls the backend: no graph break, same result."""
-    n, runs = 1001, ((0, 13, 500), (500, 1600, 501))
+    n, runs = 1001, (0, 13, 500, 500, 1600, 501)
 
     def fn(theta, theta0, acc, grad, coef, a, b, seed):
         TRITON.perturb(theta, theta0, runs, seed, coef, True)
@@ -266,99 +266,6 @@ def test_kernels_compile_for_the_gpu():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-# -- whole trajectories -----------------------------------------------------------------------------
-
-TRAJECTORIES = {
-    "ascent-gaussian": dict(sampler="ascent", start="gaussian", num_samples=3, tilt=1.0, radius=0.05,
-                            noise_scale=0.01),
-    "ascent-sam": dict(sampler="ascent", start="none", num_samples=1, tilt=0.0),
-    "adaptive-ball-clip": dict(sampler="ascent", start="ball", adaptive=True, num_samples=2, tilt=5.0,
-                               max_grad_norm=0.5, radius=0.02),
-    "hmc-sphere": dict(sampler="hmc", start="sphere", num_samples=2, hmc_steps=2, tilt=2.0, radius=0.03),
-    "random-gaussian-delta": dict(sampler="random", start="gaussian", num_samples=4, tilt=20.0, delta=1.0,
-                                  radius=0.05, noise_scale=0.02),
-}
-
-
-class _Net(torch.nn.Module):
-    """Two param groups' worth of layers, a frozen layer in the middle (so buckets have several runs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(13, 17)
-        self.frozen = torch.nn.Linear(17, 17)
-        self.b = torch.nn.Linear(17, 6)
-        self.frozen.requires_grad_(False)
-
-    def forward(self, x):
-        f = torch.nn.functional
-        h = torch.tanh(f.linear(x, self.a.weight, self.a.bias.to(self.a.weight.dtype)))
-        return self.b(torch.tanh(self.frozen(h)))
-
-
-def _trajectory(backend, kwargs, device, groups=False, steps=5, bf16_bias=False):
-    torch.manual_seed(7)
-    net = _Net()
-    if bf16_bias:
-        net.a.bias.data = net.a.bias.data.to(torch.bfloat16)
-    net = net.to(device)
-    x, y = torch.randn(32, 13).to(device), torch.randn(32, 6).to(device)  # same data on every device
-    if groups:
-        params = [{"params": [net.a.weight, net.b.weight]},
-                  {"params": [net.a.bias, net.b.bias], "rho": 0.02, "tilt": 0.5, "weight_decay": 0.0}]
-    else:
-        params = net.parameters()
-    opt = TSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-4, seed=2024,
-               backend=backend, **kwargs)
-
-    def closure():
-        out = net(x)
-        loss = torch.nn.functional.mse_loss(out.float(), y)
-        loss.backward()
-        return loss
-
-    history = []
-    for _ in range(steps):
-        tilted = opt.step(closure)
-        history.append((tilted.detach().cpu(), opt.last_losses.cpu(),
-                        [(p.dtype, p.detach().float().cpu().clone()) for p in net.parameters()]))
-    return history
-
-
-def _compare(got, want, rtol=2e-5, atol=2e-6):
-    """Step by step: tilted loss, sample losses and every parameter (bf16 ones within a bf16 rounding)."""
-    for k, ((t1, l1, p1), (t2, l2, p2)) in enumerate(zip(got, want)):
-        assert_close(t1, t2, rtol=rtol, atol=atol, what=f"step {k} tilted loss")
-        assert_close(l1, l2, rtol=rtol, atol=atol, what=f"step {k} sample losses")
-        for i, ((dtype, a), (_, b)) in enumerate(zip(p1, p2)):
-            tol = dict(rtol=rtol, atol=atol) if dtype == torch.float32 else TOL[dtype]
-            assert_close(a, b, **tol, what=f"step {k} parameter {i} ({DTYPE_IDS[dtype]})")
-
-
-@pytest.mark.parametrize("name", list(TRAJECTORIES))
-def test_trajectory_matches_reference(name):
-    kwargs = TRAJECTORIES[name]
-    _compare(_trajectory("triton", kwargs, DEVICE), _trajectory("reference", kwargs, DEVICE))
-
-
-def test_trajectory_groups_and_mixed_dtypes():
-    """Two param groups (different rho and tilt), a bf16 parameter among fp32 ones, a frozen layer."""
-    kwargs = TRAJECTORIES["ascent-gaussian"]
-    _compare(_trajectory("triton", kwargs, DEVICE, groups=True, bf16_bias=True),
-             _trajectory("reference", kwargs, DEVICE, groups=True, bf16_bias=True))
-
-
-@pytest.mark.parametrize("name", ["ascent-gaussian", "hmc-sphere"])
-def test_trajectory_matches_cpp(name):
-    """Same seed, same noise on the C++ backend: the two fused backends follow the same trajectory."""
-    cpp = tsam_fast.backend_info()["cpp"]
-    if not cpp.available:
-        pytest.skip(f"cpp backend unavailable: {cpp.reason}")
-    kwargs = TRAJECTORIES[name]
-    _compare(_trajectory("triton", kwargs, DEVICE), _trajectory("cpp", kwargs, "cpu"),
-             **(dict(rtol=1e-4, atol=1e-5) if CUDA else {}))
-
-
 # -- GPU only -------------------------------------------------------------------------------------
 
 BIG = 100_000_000
@@ -366,7 +273,7 @@ BIG = 100_000_000
 
 def _big_runs(n):
     half = n // 2 + 1
-    return ((0, 2**33 + 1, half), (half, 2**33 + 1 + half + 1002, n - half))
+    return (0, 2**33 + 1, half, half, 2**33 + 1 + half + 1002, n - half)
 
 
 @gpu_only
@@ -412,7 +319,7 @@ def test_buffers_over_2_31_elements():
     theta0 = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
     theta0[tail] = torch.randn(n - tail.start, device="cuda").to(torch.bfloat16)
     theta = torch.empty_like(theta0)
-    TRITON.perturb(theta, theta0, ((0, glob, n),), 11, _scalar(0.5), False)
+    TRITON.perturb(theta, theta0, (0, glob, n), 11, _scalar(0.5), False)
     want = theta0[tail].float() + 0.5 * rng.normal(11, glob + tail.start, n - tail.start, device="cuda")
     assert_close(theta[tail], want.to(torch.bfloat16), **TOL[torch.bfloat16], what="perturb past 2**31")
     grad = torch.ones_like(theta0)
@@ -451,14 +358,6 @@ def test_step_makes_no_host_sync(sampler, kw):
             opt.step(closure)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-
-
-@gpu_only
-def test_cuda_trajectory_matches_reference_on_cpu():
-    """Same seed, same noise on both devices: the CUDA Triton trajectory follows the CPU reference one."""
-    kwargs = TRAJECTORIES["ascent-gaussian"]
-    _compare(_trajectory("triton", kwargs, "cuda"), _trajectory("reference", kwargs, "cpu"),
-             rtol=1e-4, atol=1e-5)
 
 
 @gpu_only
