@@ -46,12 +46,17 @@ def _loss(model, x, y):
     return nn.functional.cross_entropy(model(x), y)
 
 
+def _evaluated(model, x, y):
+    """One evaluation's forward and backward; its loss."""
+    loss = _loss(model, x, y)
+    loss.backward()
+    return loss
+
+
 def _loop_step(opt, model, x, y):
     run = opt.begin_step()
     for _ in run:
-        loss = _loss(model, x, y)
-        loss.backward()
-        run.record(loss)
+        run.record(_evaluated(model, x, y))
     return run.finish()
 
 
@@ -91,8 +96,7 @@ def test_evaluations_roles_and_counts(name):
     for ev in run:
         assert opt.closure_index == ev.index == len(seen)
         seen.append(ev)
-        loss = _loss(model, x, y)
-        loss.backward()
+        loss = _evaluated(model, x, y)
         run.record(loss)
     run.finish()
     assert len(seen) == opt.evaluations_per_step == len(run.evaluations)
@@ -102,39 +106,44 @@ def test_evaluations_roles_and_counts(name):
     assert [ev.sample for ev in seen] == [j for j in range(s) for _ in per[opt.sampler]]
 
 
-def test_micro_batches_accumulate_into_one_evaluation():
-    """Several backwards in one evaluation add up: two half-batch means / 2 equal the full-batch mean."""
+def _matches_plain_loop(evaluate, steps, exact):
+    """Drive one optimizer with the plain loop and a twin whose evaluations run ``evaluate(opt, model, x,
+    y) -> loss``; the parameters must agree (bit for bit when ``exact``)."""
     m1, x, y, o1 = _setup()
     m2, _, _, o2 = _setup()
-    for _ in range(3):
+    for _ in range(steps):
         _loop_step(o1, m1, x, y)
         run = o2.begin_step()
         for _ in run:
-            total = 0.0
-            for xs, ys in ((x[:5], y[:5]), (x[5:], y[5:])):
-                part = _loss(m2, xs, ys) / 2
-                part.backward()
-                total = total + part.detach()
-            run.record(total)
+            run.record(evaluate(o2, m2, x, y))
         run.finish()
     for a, b in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_accumulate_into_one_evaluation():
+    """Several backwards in one evaluation add up: two half-batch means / 2 equal the full-batch mean."""
+    def evaluate(opt, model, x, y):
+        total = 0.0
+        for xs, ys in ((x[:5], y[:5]), (x[5:], y[5:])):
+            part = _loss(model, xs, ys) / 2
+            part.backward()
+            total = total + part.detach()
+        return total
+
+    _matches_plain_loop(evaluate, steps=3, exact=False)
 
 
 def test_zero_grad_inside_an_evaluation_keeps_the_flat_views():
-    m1, x, y, o1 = _setup()
-    m2, _, _, o2 = _setup()
-    for _ in range(2):
-        _loop_step(o1, m1, x, y)
-        run = o2.begin_step()
-        for _ in run:
-            o2.zero_grad()          # the habit of many loops: harmless inside an evaluation
-            loss = _loss(m2, x, y)
-            loss.backward()
-            run.record(loss)
-        run.finish()
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
+    def evaluate(opt, model, x, y):
+        opt.zero_grad()  # the habit of many loops: harmless inside an evaluation
+        loss = _evaluated(model, x, y)
+        return loss
+
+    _matches_plain_loop(evaluate, steps=2, exact=True)
 
 
 # -- abandoning the loop ------------------------------------------------------------------------
@@ -155,8 +164,7 @@ def test_leaving_the_loop_restores_theta0(name, position, how):
     run = opt.begin_step()
     try:
         for ev in run:
-            loss = _loss(model, x, y)
-            loss.backward()
+            loss = _evaluated(model, x, y)
             if ev.index == position:
                 if how == "exception":
                     raise Boom()
@@ -194,8 +202,7 @@ def test_dropping_a_run_before_its_loop_restores_theta0():
 def _record_twice(opt, model, x, y):
     run = opt.begin_step()
     for _ in run:
-        loss = _loss(model, x, y)
-        loss.backward()
+        loss = _evaluated(model, x, y)
         run.record(loss)
         run.record(loss)
 
@@ -203,8 +210,7 @@ def _record_twice(opt, model, x, y):
 def _finish_early(opt, model, x, y):
     run = opt.begin_step()
     for ev in run:
-        loss = _loss(model, x, y)
-        loss.backward()
+        loss = _evaluated(model, x, y)
         run.record(loss)
         if ev.index == 2:
             break
@@ -214,8 +220,7 @@ def _finish_early(opt, model, x, y):
 def _finish_inside(opt, model, x, y):
     run = opt.begin_step()
     for _ in run:
-        loss = _loss(model, x, y)
-        loss.backward()
+        loss = _evaluated(model, x, y)
         run.record(loss)
         run.finish()
 
@@ -240,8 +245,7 @@ def _no_backward(opt, model, x, y):
 
 def _record_before_loop(opt, model, x, y):
     run = opt.begin_step()
-    loss = _loss(model, x, y)
-    loss.backward()
+    loss = _evaluated(model, x, y)
     run.record(loss)
 
 
@@ -254,8 +258,7 @@ def _skip_record(opt, model, x, y):
 def _iterate_twice(opt, model, x, y):
     run = opt.begin_step()
     for _ in run:
-        loss = _loss(model, x, y)
-        loss.backward()
+        loss = _evaluated(model, x, y)
         run.record(loss)
         break
     for _ in run:
@@ -265,8 +268,7 @@ def _iterate_twice(opt, model, x, y):
 def _finish_twice(opt, model, x, y):
     run = opt.begin_step()
     for _ in run:
-        loss = _loss(model, x, y)
-        loss.backward()
+        loss = _evaluated(model, x, y)
         run.record(loss)
     run.finish()
     snap = snapshot(model, opt)
@@ -279,8 +281,7 @@ def _finish_twice(opt, model, x, y):
 def _nan_loss(opt, model, x, y):
     run = opt.begin_step()
     for ev in run:
-        loss = _loss(model, x, y)
-        loss.backward()
+        loss = _evaluated(model, x, y)
         run.record(loss * float("nan") if ev.index == 1 else loss)
     run.finish()
 
@@ -288,8 +289,7 @@ def _nan_loss(opt, model, x, y):
 def _non_scalar(opt, model, x, y):
     run = opt.begin_step()
     for _ in run:
-        loss = _loss(model, x, y)
-        loss.backward()
+        loss = _evaluated(model, x, y)
         run.record(torch.stack([loss, loss]))
 
 
