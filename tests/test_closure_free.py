@@ -96,8 +96,7 @@ def test_evaluations_roles_and_counts(name):
     for ev in run:
         assert opt.closure_index == ev.index == len(seen)
         seen.append(ev)
-        loss = _evaluated(model, x, y)
-        run.record(loss)
+        run.record(_evaluated(model, x, y))
     run.finish()
     assert len(seen) == opt.evaluations_per_step == len(run.evaluations)
     s = opt.num_samples
@@ -210,8 +209,7 @@ def _record_twice(opt, model, x, y):
 def _finish_early(opt, model, x, y):
     run = opt.begin_step()
     for ev in run:
-        loss = _evaluated(model, x, y)
-        run.record(loss)
+        run.record(_evaluated(model, x, y))
         if ev.index == 2:
             break
     run.finish()
@@ -220,8 +218,7 @@ def _finish_early(opt, model, x, y):
 def _finish_inside(opt, model, x, y):
     run = opt.begin_step()
     for _ in run:
-        loss = _evaluated(model, x, y)
-        run.record(loss)
+        run.record(_evaluated(model, x, y))
         run.finish()
 
 
@@ -245,8 +242,7 @@ def _no_backward(opt, model, x, y):
 
 def _record_before_loop(opt, model, x, y):
     run = opt.begin_step()
-    loss = _evaluated(model, x, y)
-    run.record(loss)
+    run.record(_evaluated(model, x, y))
 
 
 def _skip_record(opt, model, x, y):
@@ -258,8 +254,7 @@ def _skip_record(opt, model, x, y):
 def _iterate_twice(opt, model, x, y):
     run = opt.begin_step()
     for _ in run:
-        loss = _evaluated(model, x, y)
-        run.record(loss)
+        run.record(_evaluated(model, x, y))
         break
     for _ in run:
         pass
@@ -268,8 +263,7 @@ def _iterate_twice(opt, model, x, y):
 def _finish_twice(opt, model, x, y):
     run = opt.begin_step()
     for _ in run:
-        loss = _evaluated(model, x, y)
-        run.record(loss)
+        run.record(_evaluated(model, x, y))
     run.finish()
     snap = snapshot(model, opt)
     try:
