@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import copy
 import math
+import socket
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
@@ -436,3 +439,27 @@ def faulty_closure(model: nn.Module, x: torch.Tensor, position: int, fault: str,
             first.grad[(0,) * first.dim()] = float("inf")
         return value
     return closure
+
+
+# -- real ranks ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn: Callable, world: int, *args, timeout: float = 300.0) -> None:
+    """``fn(rank, *args)`` in ``world`` spawned processes. A rank that raises fails the test with its
+    traceback and the others are terminated (torch.multiprocessing's join); a run that outlives ``timeout``
+    seconds (a rank stuck in a collective) is terminated and fails the test: a test never hangs."""
+    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise AssertionError(f"{world} ranks of {getattr(fn, '__name__', fn)} still running after {timeout:.0f}s: "
+                                 "a rank is stuck (killed)")

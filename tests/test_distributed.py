@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from tsam_fast import TSAM, bn_update_once_per_step
 
 from conftest import assert_close
+from tables import free_port, run_ranks
 
 STEPS = 10
 KW = dict(num_samples=3, tilt=5.0, radius=0.05, rho=0.05, seed=7, lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -91,16 +90,10 @@ def _worker(rank, world, port, backend, sampler, bucket_view, out, comm="gloo", 
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device="cpu", tol=1e-5, bn=False,
              loop=False):
-    mp.start_processes(_worker, args=(world, _free_port(), backend, sampler, bucket_view, str(tmp_path), comm,
-                                      device, bn, loop), nprocs=world, join=True, start_method="spawn")
+    run_ranks(_worker, world, world, free_port(), backend, sampler, bucket_view, str(tmp_path), comm, device, bn,
+              loop)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for other in ranks[1:]:
         for a, b in zip(ranks[0]["params"], other["params"]):

@@ -175,13 +175,32 @@ def row_add_group_not_tensors():
     return Case(lambda: opt.add_param_group({"params": [1.5]}), model, opt, in_step=False)
 
 
-def row_fsdp2_sharded_parameters():
-    """fully_shard on a 1-rank CPU group: its parameters are DTensors (a shard per rank)."""
+def _one_rank_group():
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    model = fully_shard(_mlp())
+    return dist
+
+
+def _fsdp2_row(**kw):
+    """fully_shard on a 1-rank CPU group (its parameters are DTensors), with an option FSDP2 rules out."""
+    def build():
+        from torch.distributed.fsdp import fully_shard
+        dist = _one_rank_group()
+        model = fully_shard(_mlp())
+        return Case(lambda: TSAM(model.parameters(), torch.optim.SGD, lr=0.1, **kw), model, in_step=False,
+                    cleanup=dist.destroy_process_group)
+    return build
+
+
+def row_tensor_parallel_parameter():
+    """A DTensor sharded along its second dimension (tensor parallelism), not fully_shard's Shard(0)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist = _one_rank_group()
+    model = _mlp()
+    mesh = init_device_mesh("cpu", (1,))
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(1)]))
     return Case(lambda: TSAM(model.parameters(), torch.optim.SGD, lr=0.1), model, in_step=False,
                 cleanup=dist.destroy_process_group)
 
@@ -320,10 +339,15 @@ HOSTILE = [
     pytest.param(row_add_group_backend_cannot_run, BackendUnavailable, r"cpp", id="add-group-unrunnable-device"),
     pytest.param(row_add_group_as_a_set, TypeError, r"ordered collections.*use a list", id="add-group-set"),
     pytest.param(row_add_group_not_tensors, TypeError, r"only optimize Tensors.*float", id="add-group-not-tensor"),
-    pytest.param(row_fsdp2_sharded_parameters, NotImplementedError,
-                 r"(?s)sharded parameters.*DTensor.*silently wrong.*DistributedDataParallel", id="fsdp2-sharded"),
+    pytest.param(row_tensor_parallel_parameter, NotImplementedError,
+                 r"(?s)parameter 0 of group 0 is a DTensor with placements \(Shard\(dim=1\),\).*tensor-parallel"
+                 r".*fully_shard", id="tensor-parallel-dtensor"),
     pytest.param(row_fsdp1_flattened_parameters, NotImplementedError,
-                 r"(?s)sharded parameters.*FSDP.*DistributedDataParallel", id="fsdp1-flattened"),
+                 r"(?s)parameter 0 of group 0 is a flattened FSDP1.*fully_shard", id="fsdp1-flattened"),
+    pytest.param(_fsdp2_row(grad_scaler=torch.amp.GradScaler("cpu")), ValueError,
+                 r"(?s)sharded \(FSDP2\): grad_scaler.*not supported.*bfloat16", id="fsdp2-with-grad-scaler"),
+    pytest.param(_fsdp2_row(process_group=None), ValueError,
+                 r"(?s)sharded \(FSDP2\), but process_group=None.*averaged over its ranks", id="fsdp2-no-group"),
     pytest.param(row_only_empty_group, ValueError, r"(?s)no trainable parameters.*empty", id="only-an-empty-group"),
     # hyperparameters the constructor checks do not reach
     pytest.param(_ctor_row(lr=float("nan")), ValueError, r"(?s)lr=nan.*finite", id="lr-nan"),

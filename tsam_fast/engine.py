@@ -278,8 +278,15 @@ class Guard:
             self._gradient(self._grad_sum("grad"))
 
     def failed(self) -> bool:
-        """The step's one host read (check_finite only): was any loss or gradient non-finite?"""
-        return self.check and not bool(self.finite)
+        """The step's one host read (check_finite only): was any loss or gradient non-finite? On a sharded
+        model each rank checked its own shard's gradients: one all-reduce makes the verdict every rank's."""
+        if not self.check:
+            return False
+        if self.run.layout.shard_group is not None:
+            bad = (~self.finite).to(self.run.dtype)
+            torch.distributed.all_reduce(bad, group=self.run.pg)
+            return bool(bad > 0)
+        return not bool(self.finite)
 
     def base_step(self, base_optimizer) -> None:
         if self.scaler is None:
@@ -337,6 +344,10 @@ class StepRun:
         self.slots = [_Slot(b, opt._backend_for(b.device, b.dtype), b.group_index) for b in self.buckets]
         self.group0 = self.buckets[0].group_index
         self.pg, self.world = _loss_group(opt.process_group)
+        # a sharded model's norms are sums over the shard group; packed with the loss's all-reduce when that
+        # group spans the same ranks (FSDP2 on a 1-D mesh), else one collective each (HSDP)
+        self.shard_group = layout.shard_group
+        self.one_group = self.shard_group is not None and _same_ranks(self.shard_group, self.pg)
         self.guard = Guard(self, config.check_finite, opt.grad_scaler)
         self.tilt = TiltState(self.taus)
         self.losses: List[torch.Tensor] = []
@@ -467,6 +478,7 @@ class StepRun:
         if self._backed_up:
             for b in self.buckets:
                 b.param.copy_(b.backup)
+                b.publish()
         for p in self.layout.params:
             p.grad = None
         self._release()
@@ -532,25 +544,59 @@ class StepRun:
     def _per_group(self, values: List[torch.Tensor], slot: _Slot) -> torch.Tensor:
         return self._on(values[slot.group], slot.bucket)
 
-    def _sum(self, parts: List[torch.Tensor]) -> torch.Tensor:
-        """One global sum of per-bucket reductions (one norm over all trainable parameters)."""
+    def _total(self, parts: List[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The sum of per-bucket reductions, in the step's scalar dtype on its device (None if no parts)."""
+        if not parts:
+            return None
         if len(parts) == 1:
             return parts[0] if parts[0].dtype == self.dtype else parts[0].to(self.dtype)
         return torch.stack([p.to(self.device, self.dtype, non_blocking=self.device.type != "cpu")
                             for p in parts]).sum()
 
-    def _grad_sqnorm(self, adaptive: bool = False) -> torch.Tensor:
-        return self._sum([s.backend.grad_sqnorm(s.bucket, adaptive) for s in self.slots])
+    def _reduce(self, norms: List[List[torch.Tensor]], loss: Optional[torch.Tensor] = None):
+        """Global values from local ones, with one collective per process group (docs/design.md §6).
 
-    def _start(self, j: int):
-        """Seed and per-group coefficient c of sample j's random start theta0 + c * xi."""
+        ``norms``: per-slot partial sums of squares -> their sum over all trainable parameters (a sharded
+        bucket's part is summed over the shard group, a replicated bucket's counted once). ``loss``: averaged
+        over the data-parallel ranks (every rank then derives the same tilt weights). Returns (loss, norms)."""
+        sharded = [self._total([x for x, s in zip(parts, self.slots) if s.bucket.sharded]) for parts in norms]
+        plain = [self._total([x for x, s in zip(parts, self.slots) if not s.bucket.sharded]) for parts in norms]
+        dist = torch.distributed
+        if self.world > 1 and loss is not None:
+            if self.one_group and norms:  # one all-reduce for all of them
+                packed = torch.stack([loss] + sharded)
+                dist.all_reduce(packed, group=self.pg)
+                loss, sharded = packed[0], list(packed[1:])
+            else:
+                dist.all_reduce(loss, group=self.pg)
+            loss = loss / self.world
+        if self.shard_group is not None and norms and not (self.one_group and self.world > 1 and loss is not None):
+            packed = torch.stack(sharded)
+            dist.all_reduce(packed, group=self.shard_group)
+            sharded = list(packed)
+        totals = [a if b is None else b if a is None else a + b for a, b in zip(sharded, plain)]
+        return loss, totals
+
+    def _grad_parts(self, adaptive: bool = False) -> List[torch.Tensor]:
+        return [s.backend.grad_sqnorm(s.bucket, adaptive) for s in self.slots]
+
+    def _grad_sqnorm(self, adaptive: bool = False) -> torch.Tensor:
+        return self._reduce([self._grad_parts(adaptive)])[1][0]
+
+    def _noise(self, j: int):
+        """Seed and per-slot partial ``sum(xi**2)`` of sample j's random start (None, None for no start)."""
+        if self.config.start == "none":
+            return None, None
+        seed = rng.stream_seed(self.opt.seed, self.k, j, rng.STREAM_START)
+        return seed, [s.backend.noise_sqnorm(s.bucket, seed) for s in self.slots]
+
+    def _coefs(self, j: int, sqnorm: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """Per-group coefficient c of sample j's random start theta0 + c * xi, from the global ||xi||^2."""
         cfg, opt = self.config, self.opt
         groups = opt.param_groups
-        if cfg.start == "none":
-            return None, [self._scalar(0.0)] * len(groups)
-        seed = rng.stream_seed(opt.seed, self.k, j, rng.STREAM_START)
-        inv_norm = self._sum([s.backend.noise_sqnorm(s.bucket, seed) for s in self.slots]).sqrt().clamp_min(1e-30) \
-            .reciprocal()
+        if sqnorm is None:
+            return [self._scalar(0.0)] * len(groups)
+        inv_norm = sqnorm.sqrt().clamp_min(1e-30).reciprocal()
         if cfg.start == "ball":  # radius r * u^(1/d), u ~ U(0, 1) drawn on the host from its own stream
             u = rng.host_uniform(rng.stream_seed(opt.seed, self.k, j, rng.STREAM_RADIUS))
             shrink = rng.log_uniform_radius(u, self.layout.trainable_numel)
@@ -566,13 +612,16 @@ class StepRun:
                 else:
                     coefs[r] = inv_norm * (r * shrink)
             out.append(coefs[r])
-        return seed, out
+        return out
 
     def _begin(self) -> None:
         self.layout.begin_step()
         try:
             with torch.no_grad():
-                seed, coefs = self._start(0)
+                for b in self.buckets:
+                    b.pull()
+                seed, parts = self._noise(0)
+                coefs = self._coefs(0, None if parts is None else self._reduce([parts])[1][0])
                 for s in self.slots:
                     s.backend.perturb(s.bucket, seed, self._per_group(coefs, s), save_backup=True)
             self._backed_up = True
@@ -616,18 +665,22 @@ class StepRun:
 
     def _sample(self, j: int, loss: torch.Tensor) -> None:
         cfg = self.config
-        if self.world > 1:  # every rank must derive the same weights: average the loss over ranks
-            torch.distributed.all_reduce(loss, group=self.pg)
-            loss /= self.world
+        last = j + 1 == cfg.num_samples
+        # the step's collectives for this sample, packed: the loss, the clip norm, the next start's norm
+        norms = [self._grad_parts()] if cfg.max_grad_norm is not None else []
+        seed, noise = (None, None) if last else self._noise(j + 1)
+        if noise is not None:
+            norms.append(noise)
+        loss, totals = self._reduce(norms, loss)
         self.losses.append(loss)
         clip = None
         if cfg.max_grad_norm is not None:
-            norm = self.guard.clip_norm(self._grad_sqnorm())
+            norm = self.guard.clip_norm(totals.pop(0))
             clip = torch.clamp_max(cfg.max_grad_norm / (norm + _CLIP_EPS), 1.0)
         ab = self.tilt.update(loss, clip)
         first = j == 0
-        if j + 1 < cfg.num_samples:
-            seed, coefs = self._start(j + 1)
+        if not last:
+            coefs = self._coefs(j + 1, totals[0] if noise is not None else None)
             for s in self.slots:
                 a, b = ab[self.taus[s.group]]
                 s.backend.tilt_accumulate(s.bucket, self._on(a, s.bucket), self._on(b, s.bucket), first, seed,
@@ -641,6 +694,13 @@ class StepRun:
                                self._on(inv_z[tau], s.bucket), first)
         self.guard.after_samples(clipped=cfg.max_grad_norm is not None)
         self.state = "evaluated"
+
+
+def _same_ranks(a, b) -> bool:
+    """Whether two process groups (None: the default group) span the same ranks."""
+    dist = torch.distributed
+    ranks = [dist.get_process_group_ranks(g if g is not None else dist.group.WORLD) for g in (a, b)]
+    return ranks[0] == ranks[1]
 
 
 def _loss_group(process_group):

@@ -21,14 +21,19 @@ What the layout guarantees:
 
 from __future__ import annotations
 
+import math
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 
 class _GradHook:
-    """Tensor hook on a trainable parameter: marks it touched; rejects sparse gradients."""
+    """Marks a trainable parameter touched when it receives a gradient; rejects sparse gradients.
+
+    A plain parameter gets it as a tensor hook (called with the gradient). A sharded (FSDP2) parameter
+    is not in the autograd graph (its unsharded twin is), so it gets it as a post-accumulate-grad hook,
+    which FSDP2 calls on the sharded parameter once the reduce-scattered gradient is in ``.grad``."""
 
     __slots__ = ("layout", "index")
 
@@ -48,46 +53,103 @@ class _GradHook:
         return None
 
 
-def _is_sharded(p: torch.Tensor) -> bool:
-    """A DTensor (FSDP2 ``fully_shard``, tensor parallelism) or a parameter FSDP1 has flattened."""
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - older layouts of torch.distributed
+        return None
+    return DTensor
+
+
+class Sharding(NamedTuple):
+    """Where a sharded parameter's local shard sits (FSDP2's ``Shard(0)`` over one mesh dimension).
+
+    ``group``: the process group of the shard dimension (global norms are sums over it); ``row_start``:
+    the first row of the unsharded parameter this rank holds; ``local``: the local shard, FSDP's own
+    storage (perturbed and restored in place, never re-pointed)."""
+
+    mesh: object
+    placements: tuple
+    group: object
+    row_start: int
+    local: torch.Tensor
+
+
+_SHARDING_HELP = ("TSAM supports FSDP2 (torch.distributed.fsdp.fully_shard) on a 1-D mesh, and HSDP (a 2-D "
+                  "replicate x shard mesh); shard the model with fully_shard")
+
+
+def sharding_of(p: torch.Tensor, name: str) -> Optional[Sharding]:
+    """None for a plain tensor; the shard layout of an FSDP2/HSDP parameter; raises for any other sharding
+    (tensor parallelism, strided shards, FSDP1 flat parameters), which would make the step's norms and noise
+    per-shard and silently wrong (docs/design.md §6)."""
     if getattr(p, "_fsdp_flattened", False) or type(p).__name__ == "FlatParameter":
-        return True
-    if torch.distributed.is_available():
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - older layouts of torch.distributed
-            return False
-        return isinstance(p, DTensor)
-    return False
+        raise NotImplementedError(
+            f"{name} is a flattened FSDP1 (FullyShardedDataParallel) parameter: each rank holds a slice of a "
+            f"flat buffer TSAM cannot map back to parameters. {_SHARDING_HELP} instead (or use "
+            "DistributedDataParallel)")
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(p, dtensor):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    kinds = tuple("shard0" if type(pl) is Shard and pl.dim == 0 else
+                  "replicate" if isinstance(pl, Replicate) else repr(pl) for pl in placements)
+    if kinds not in (("shard0",), ("replicate", "shard0")):
+        raise NotImplementedError(
+            f"{name} is a DTensor with placements {placements} on a {mesh.ndim}-D mesh: tensor-parallel, "
+            f"strided or partial placements are not supported. {_SHARDING_HELP}, which gives (Shard(dim=0),) "
+            "or (Replicate(), Shard(dim=0))")
+    dim = len(placements) - 1
+    local = p.to_local()
+    rows, world, rank = p.shape[0], mesh.size(dim), mesh.get_local_rank(dim)
+    chunk = -(-rows // world)  # torch.chunk's split, which FSDP2 uses: ceil(rows / world) rows each
+    start = min(rank * chunk, rows)
+    if local.shape[0] != min(start + chunk, rows) - start or not local.is_contiguous():
+        raise NotImplementedError(
+            f"{name}: its local shard ({tuple(local.shape)}, contiguous={local.is_contiguous()}) is not the "
+            f"contiguous row block [{start}, {start + chunk}) of {tuple(p.shape)} that fully_shard makes on "
+            f"rank {rank} of {world}. {_SHARDING_HELP}")
+    return Sharding(mesh, placements, mesh.get_group(dim), start, local)
 
 
-def check_parameter(p: torch.Tensor, gi: int, pi: int) -> None:
-    """Raise for parameters TSAM cannot optimise correctly (called at construction and when packing)."""
+def check_parameter(p: torch.Tensor, gi: int, pi: int) -> Optional[Sharding]:
+    """Raise for parameters TSAM cannot optimise correctly (called at construction and when packing);
+    returns the parameter's sharding (None when it is not sharded)."""
     if p.is_complex():
         raise ValueError(
             f"TSAM does not support complex parameters (group {gi}, parameter {pi}, {p.dtype}); "
             "optimize torch.view_as_real(p) through a real parameter instead")
-    if p.requires_grad and _is_sharded(p):  # frozen ones are never touched
-        raise NotImplementedError(
-            f"TSAM does not support sharded parameters yet (group {gi}, parameter {pi} is a "
-            f"{type(p).__name__} from FSDP / DTensor): each rank holds only a shard, so the perturbation and "
-            "gradient norms would be per-shard and silently wrong. Use DistributedDataParallel (supported), "
-            "or construct TSAM on an unsharded model")
     if p.requires_grad and not p.is_floating_point():
         raise ValueError(f"parameter {pi} of group {gi} has dtype {p.dtype}; TSAM needs floating point")
+    # frozen parameters are never touched, whatever their sharding
+    return sharding_of(p, f"parameter {pi} of group {gi}") if p.requires_grad else None
 
 
 class Bucket:
-    """One (param group, device, dtype) bucket: flat buffers and the parameters viewing them."""
+    """One (param group, device, dtype) bucket: flat buffers and the parameters viewing them.
 
-    def __init__(self, group_index: int, device: torch.device, dtype: torch.dtype):
+    A bucket of sharded (FSDP2) parameters holds their local shards. ``packed`` (the default): ``param`` is
+    a flat buffer of ours that the shards are copied into at the start of a step (:meth:`pull`) and out of
+    after every move (:meth:`publish`), since the shards' storage must stay FSDP's; ``in_place``: one
+    bucket per parameter whose ``param`` *is* the local shard's storage (no copies, one op launch per
+    parameter). Gradients are zero-copy either way: ``p.grad`` is a DTensor over a view of ``grad``,
+    into which FSDP2 accumulates the reduce-scattered gradient."""
+
+    def __init__(self, group_index: int, device: torch.device, dtype: torch.dtype,
+                 shard_group: Optional[object] = None):
         self.group_index = group_index
         self.device = device
         self.dtype = dtype
+        #: the process group of the shard dimension (sums over the bucket are partial), or None
+        self.shard_group = shard_group
         self.params: List[torch.Tensor] = []
         self.indices: List[int] = []  # positions of self.params in FlatLayout.params
         self.param_views: List[torch.Tensor] = []
         self.grad_views: List[torch.Tensor] = []
+        self.shards: List[torch.Tensor] = []  # packed sharded bucket: FSDP's local shards, by param_views
         self.runs: Tuple[Tuple[int, int, int], ...] = ()
         self.numel = 0
         self.param: torch.Tensor = torch.empty(0)
@@ -95,6 +157,20 @@ class Bucket:
         self.backup: Optional[torch.Tensor] = None
         self.acc: Optional[torch.Tensor] = None
         self.momentum: Optional[torch.Tensor] = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard_group is not None
+
+    def pull(self) -> None:
+        """Packed sharded bucket: the local shards (moved by the base optimizer) into ``param``."""
+        if self.shards:
+            torch._foreach_copy_(self.param_views, self.shards)
+
+    def publish(self) -> None:
+        """Packed sharded bucket: ``param`` out to the local shards, where FSDP's all-gather reads them."""
+        if self.shards:
+            torch._foreach_copy_(self.shards, self.param_views)
 
     def ensure_state(self, need_momentum: bool) -> None:
         """Allocate theta0 (parameter dtype), A and, for HMC, v (fp32; float64 for a float64 bucket): the
@@ -130,43 +206,61 @@ def _merge_runs(runs: List[Tuple[int, int, int]]) -> Tuple[Tuple[int, int, int],
 class FlatLayout:
     """Packs the trainable parameters of ``param_groups`` into flat buckets and keeps them honest."""
 
-    def __init__(self, param_groups, names: Optional[Dict[int, str]] = None):
+    def __init__(self, param_groups, names: Optional[Dict[int, str]] = None, shards: str = "packed"):
         self.active = False
         self.signature = self.signature_of(param_groups)
         self.params: List[torch.Tensor] = []
         self.names: List[str] = []
         self.frozen: List[torch.Tensor] = []
         self.buckets: List[Bucket] = []
+        self.shard_group = None  # the one shard-dimension process group of the sharded parameters
+        self.mesh = None
         self._hook_handles = []
-        by_key: Dict[Tuple[int, torch.device, torch.dtype], Bucket] = {}
+        by_key: Dict[Tuple, Bucket] = {}
         seen = set()
         global_offset = 0
-        pending: Dict[int, List[Tuple[torch.Tensor, int]]] = {}
+        pending: Dict[int, List[Tuple[torch.Tensor, int, Optional[Sharding]]]] = {}
         for gi, group in enumerate(param_groups):
             for pi, p in enumerate(group["params"]):
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                check_parameter(p, gi, pi)
+                sharding = check_parameter(p, gi, pi)
+                name = (names or {}).get(id(p), f"group {gi} parameter {pi}")
                 if p.requires_grad:
-                    key = (gi, p.device, p.dtype)
+                    if sharding is not None:
+                        self._check_mesh(sharding, name)
+                        key = (gi, p.device, p.dtype, "sharded", id(p) if shards == "in_place" else None)
+                    else:
+                        key = (gi, p.device, p.dtype)
                     if key not in by_key:
-                        by_key[key] = Bucket(gi, p.device, p.dtype)
+                        by_key[key] = Bucket(gi, p.device, p.dtype, sharding.group if sharding else None)
                         self.buckets.append(by_key[key])
-                    pending.setdefault(id(by_key[key]), []).append((p, global_offset))
-                    self.names.append((names or {}).get(id(p), f"group {gi} parameter {pi}"))
+                    pending.setdefault(id(by_key[key]), []).append((p, global_offset, sharding))
+                    self.names.append(name)
                     self.params.append(p)
                 else:
                     self.frozen.append(p)
-                global_offset += p.numel()
+                global_offset += p.numel()  # a DTensor's numel is the unsharded one
         self.total_numel = global_offset
         index_of = {id(p): i for i, p in enumerate(self.params)}
         for bucket in self.buckets:
-            self._pack(bucket, pending[id(bucket)], index_of)
+            self._pack(bucket, pending[id(bucket)], index_of, in_place=shards == "in_place")
         self.touched = [False] * len(self.params)
         self.used = [False] * len(self.params)
         for i, p in enumerate(self.params):
-            self._hook_handles.append(p.register_hook(_GradHook(self, i)))
+            hook = _GradHook(self, i)
+            sharded = i in self._sharded_indices
+            self._hook_handles.append(p.register_post_accumulate_grad_hook(hook) if sharded else p.register_hook(hook))
+
+    def _check_mesh(self, sharding: Sharding, name: str) -> None:
+        if self.mesh is None:
+            self.mesh, self.shard_group = sharding.mesh, sharding.group
+        elif sharding.mesh != self.mesh:
+            raise NotImplementedError(
+                f"{name} is sharded over {sharding.mesh}, another parameter over {self.mesh}: TSAM's norms "
+                "span all parameters, so every sharded parameter must use the same device mesh (one "
+                "fully_shard mesh for the model)")
 
     @staticmethod
     def signature_of(param_groups) -> Tuple:
@@ -175,12 +269,20 @@ class FlatLayout:
 
     @property
     def trainable_numel(self) -> int:
-        return sum(b.numel for b in self.buckets)
+        """Trainable elements of the (unsharded) model: d of docs/design.md §3."""
+        return sum(p.numel() for p in self.params)
 
-    def _pack(self, bucket: Bucket, members, index_of) -> None:
+    @property
+    def _sharded_indices(self) -> set:
+        return {i for b in self.buckets if b.sharded for i in b.indices}
+
+    def _pack(self, bucket: Bucket, members, index_of, in_place: bool = False) -> None:
+        if bucket.sharded:
+            self._pack_shards(bucket, members, index_of, in_place)
+            return
         runs = []
         offset = 0
-        for p, glob in members:
+        for p, glob, _ in members:
             runs.append((offset, glob, p.numel()))
             offset += p.numel()
         bucket.numel = offset
@@ -188,7 +290,7 @@ class FlatLayout:
         bucket.param = torch.empty(offset, dtype=bucket.dtype, device=bucket.device)
         bucket.grad = torch.zeros(offset, dtype=bucket.dtype, device=bucket.device)
         offset = 0
-        for p, _ in members:
+        for p, _, _ in members:
             strides = _storage_strides(p)
             view = bucket.param.as_strided(p.shape, strides, offset)
             gview = bucket.grad.as_strided(p.shape, strides, offset)
@@ -198,11 +300,47 @@ class FlatLayout:
             p.data = view
             if p.grad is not None:
                 p.grad = gview
-            bucket.params.append(p)
-            bucket.indices.append(index_of[id(p)])
-            bucket.param_views.append(view)
-            bucket.grad_views.append(gview)
+            self._member(bucket, p, view, gview, index_of)
             offset += p.numel()
+
+    def _pack_shards(self, bucket: Bucket, members, index_of, in_place: bool) -> None:
+        """Local shards: the noise counters are the elements' indices in the unsharded parameter, so the
+        perturbation does not depend on the world size or the sharding (docs/design.md §6)."""
+        from torch.distributed.tensor import DTensor
+        runs = []
+        offset = 0
+        for p, glob, sh in members:
+            row = math.prod(p.shape[1:])
+            runs.append((offset, glob + sh.row_start * row, sh.local.numel()))
+            offset += sh.local.numel()
+        bucket.numel = offset
+        bucket.runs = _merge_runs(runs)
+        if in_place:  # the one member's shard is the buffer
+            bucket.param = members[0][2].local.view(-1)
+        else:
+            bucket.param = torch.empty(offset, dtype=bucket.dtype, device=bucket.device)
+        bucket.grad = torch.zeros(offset, dtype=bucket.dtype, device=bucket.device)
+        offset = 0
+        for p, _, sh in members:
+            n, shape = sh.local.numel(), sh.local.shape
+            view = bucket.param[offset:offset + n].view(shape)
+            gview = DTensor.from_local(bucket.grad[offset:offset + n].view(shape), sh.mesh, sh.placements,
+                                       shape=p.shape, stride=p.stride(), run_check=False)
+            if not in_place:
+                view.copy_(sh.local)
+                bucket.shards.append(sh.local)
+            if p.grad is not None:
+                gview.to_local().copy_(p.grad.to_local())
+                p.grad = gview
+            self._member(bucket, p, view, gview, index_of)
+            offset += n
+
+    @staticmethod
+    def _member(bucket: Bucket, p, view, gview, index_of) -> None:
+        bucket.params.append(p)
+        bucket.indices.append(index_of[id(p)])
+        bucket.param_views.append(view)
+        bucket.grad_views.append(gview)
 
     def remove_hooks(self) -> None:
         for h in self._hook_handles:
@@ -213,10 +351,15 @@ class FlatLayout:
         """Raise if a parameter's data stopped viewing its bucket (moved, cast or reassigned)."""
         for bucket in self.buckets:
             base = bucket.param.untyped_storage().data_ptr()
-            for p, view, i in zip(bucket.params, bucket.param_views, bucket.indices):
-                if (p.device != bucket.device or p.dtype != bucket.dtype
-                        or p.untyped_storage().data_ptr() != base
-                        or p.storage_offset() != view.storage_offset() or p.shape != view.shape):
+            for k, (p, view, i) in enumerate(zip(bucket.params, bucket.param_views, bucket.indices)):
+                if bucket.sharded:  # the local shard must still be the one FSDP all-gathers from
+                    local = p.to_local()
+                    held = bucket.shards[k] if bucket.shards else view
+                    moved = local.data_ptr() != held.data_ptr() or local.shape != held.shape
+                else:
+                    moved = (p.untyped_storage().data_ptr() != base or p.storage_offset() != view.storage_offset()
+                             or p.shape != view.shape)
+                if p.device != bucket.device or p.dtype != bucket.dtype or moved:
                     raise RuntimeError(
                         f"{self.names[i]} no longer views TSAM's flat buffer: its data was replaced after the "
                         f"optimizer was built (now {p.dtype} on {p.device}, was {bucket.dtype} on {bucket.device}), "
@@ -253,7 +396,10 @@ class FlatLayout:
                 else:  # a fresh tensor: the closure set grads to None before backward
                     if g.layout != torch.strided:
                         raise RuntimeError(f"TSAM does not support sparse gradients ({self.names[i]})")
-                    gview.copy_(g)
+                    if bucket.sharded:
+                        gview.to_local().copy_(g.to_local())
+                    else:
+                        gview.copy_(g)
                 p.grad = gview
         any_grad = False
         for i, t in enumerate(self.touched):

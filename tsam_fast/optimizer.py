@@ -71,10 +71,15 @@ class TSAM(torch.optim.Optimizer):
             the parameters along an overflowed gradient.
         process_group: data parallelism (docs/design.md §6): each sample's loss is averaged over the ranks
             of this group (one scalar all-reduce per sample, no host sync on NCCL) before it enters the
-            tilt, so every rank derives the same weights; the gradients are already averaged by DDP and
-            every rank draws the same noise from the same seed. ``"auto"`` (default) uses the default
+            tilt, so every rank derives the same weights; the gradients are already averaged by DDP or
+            FSDP2 and every rank draws the same noise from the same seed. On an FSDP2 model every norm is
+            a sum of local shards' sums over the shard dimension, packed into the same all-reduce. ``"auto"`` (default) uses the default
             group when ``torch.distributed`` is initialized with more than one rank; ``None`` never
             all-reduces (e.g. independent models per rank).
+        shard_buffers: FSDP2 (``fully_shard``) models only (docs/design.md §6): ``"packed"`` (default) runs
+            each op once over a flat buffer of ours that the local shards are copied into at the start of
+            a step and out of after each move (the shards' storage stays FSDP's); ``"in_place"`` runs the
+            ops on each local shard's own storage (no copies, one op launch per parameter).
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
     The closure evaluates the loss at the current (perturbed) parameters and calls ``backward()``;
@@ -90,7 +95,8 @@ class TSAM(torch.optim.Optimizer):
                  hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
                  seed: int = 0, backend: str = "auto", check_finite: bool = True,
                  grad_scaler: Optional["torch.amp.GradScaler"] = None,
-                 process_group: Union[str, None, object] = "auto", **base_kwargs):
+                 process_group: Union[str, None, object] = "auto", shard_buffers: str = "packed",
+                 **base_kwargs):
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError("base_optimizer must be an optimizer class such as torch.optim.SGD "
                             f"(got {base_optimizer!r}); its options go in TSAM's keyword arguments")
@@ -105,6 +111,7 @@ class TSAM(torch.optim.Optimizer):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (got {type(grad_scaler).__name__})")
         self.grad_scaler = grad_scaler
         self.process_group = process_group
+        self.shard_buffers = check_choice("shard_buffers", shard_buffers, ("packed", "in_place"))
         for key, value in base_kwargs.items():  # e.g. lr=nan passes torch's `lr < 0` checks
             values = value if isinstance(value, (tuple, list)) else (value,)
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
@@ -136,7 +143,18 @@ class TSAM(torch.optim.Optimizer):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _check_new_parameter(self, p: torch.Tensor, gi: int, pi: int) -> None:
-        check_parameter(p, gi, pi)
+        if check_parameter(p, gi, pi) is not None:  # an FSDP2 shard (docs/design.md §6)
+            if self.grad_scaler is not None:
+                raise ValueError(
+                    f"parameter {pi} of group {gi} is sharded (FSDP2): grad_scaler (fp16 loss scaling) is not "
+                    "supported on sharded models, whose overflow checks would be per shard. Train in bf16 "
+                    "instead: fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, "
+                    "reduce_dtype=torch.float32)) needs no loss scaling")
+            if self.process_group is None:
+                raise ValueError(
+                    f"parameter {pi} of group {gi} is sharded (FSDP2), but process_group=None: a sharded "
+                    "model's sample losses must be averaged over its ranks. Use process_group='auto' (default) "
+                    "or the group FSDP2 trains over")
         if p.requires_grad:
             try:
                 self._backend_for(p.device, p.dtype)
@@ -180,14 +198,21 @@ class TSAM(torch.optim.Optimizer):
             if callable(group.get("tilt")):
                 group["tilt"] = None
         sd["tsam"] = {"step": self._step_count, "seed": self.seed}
+        # also in every group: torch.distributed.checkpoint keeps only "state" and "param_groups"
+        for group in sd["param_groups"]:
+            group.update(tsam_step=self._step_count, tsam_seed=self.seed)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if "tsam" not in state_dict:
+        sd = dict(state_dict)
+        groups = [dict(g) for g in sd.get("param_groups", ())]
+        in_groups = [{"step": g.pop("tsam_step"), "seed": g.pop("tsam_seed")} for g in groups
+                     if "tsam_step" in g and "tsam_seed" in g]
+        sd["param_groups"] = groups
+        tsam = sd.pop("tsam", None) or (in_groups[0] if in_groups else None)
+        if tsam is None:
             raise ValueError("not a TSAM state_dict (no 'tsam' entry); for a plain base-optimizer "
                              "state_dict use opt.base_optimizer.load_state_dict(...)")
-        sd = dict(state_dict)
-        tsam = sd.pop("tsam")
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entry in sd.get("state", {}).items():
             if not isinstance(index, int) or index >= len(params):
@@ -282,7 +307,7 @@ class TSAM(torch.optim.Optimizer):
             self._invalidate_layout()  # params added/frozen/unfrozen: repack (values are copied over)
             layout = None
         if layout is None:
-            layout = self._layout = FlatLayout(self.param_groups)
+            layout = self._layout = FlatLayout(self.param_groups, shards=self.shard_buffers)
         layout.verify()
         for bucket in layout.buckets:
             bucket.ensure_state(self.config.sampler == "hmc")
@@ -328,11 +353,25 @@ class TSAM(torch.optim.Optimizer):
         register_run(self, run)
         return run
 
+    def _initializing_state(self) -> bool:
+        """``step()`` without a closure is an error, except the call torch.distributed.checkpoint makes to
+        create the base optimizer's state before loading into it: no step in progress, every learning rate
+        0 and every trainable parameter's gradient present and zero. That call steps the base optimizer
+        alone (which moves nothing) and is not a TSAM step (the step counter does not advance)."""
+        if live_run(self) is not None or any(float(g.get("lr", 0.0)) != 0.0 for g in self.param_groups):
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.requires_grad]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads if g is not None]
+        return bool(grads) and len(local) == len(grads) and not any(bool(g.any()) for g in local)
+
     @torch.no_grad()
     def step(self, closure=None) -> torch.Tensor:
         """One TSAM step; the closure evaluates the loss at the current (perturbed) parameters, calls
         ``backward()`` and returns the loss. Returns the tilted loss estimate (0-dim tensor, no host sync)."""
         if closure is None:
+            if self._initializing_state():
+                self.base_optimizer.step()
+                return None
             raise ValueError("TSAM.step needs a closure that evaluates the loss and calls backward(): "
                              "opt.step(lambda: (loss := criterion(model(x), y)).backward() or loss); "
                              "or drive the step yourself with opt.begin_step()")

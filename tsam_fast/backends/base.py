@@ -10,7 +10,9 @@ once in ``contract.py`` (docs/design.md §7). A ``Backend`` wraps one implementa
 maps each step-level move onto them: the bucket's buffers (``param`` = theta, ``backup`` = theta0,
 ``grad``, ``acc`` = A, ``momentum`` = v), its noise runs (a tuple of ``(buffer_offset, global_offset,
 length)`` triples, passed to the ops as flat ``int[] runs``) and the op's scalars (0-dim fp32 device
-tensors). ``seed=None`` means no noise (``start="none"``).
+tensors). ``seed=None`` means no noise (``start="none"``). Every move that writes ``param`` ends with
+``bucket.publish()``: a no-op, except for a packed bucket of FSDP2 shards, whose moved values are then
+copied out to the shards FSDP all-gathers from (``tsam_fast.flat.Bucket``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Backend:
     def perturb(self, bucket, seed: Optional[int], coef: torch.Tensor, save_backup: bool = False) -> None:
         """The random start ``theta <- theta0 + coef * xi`` (``theta0 <- theta`` first if ``save_backup``)."""
         self.ops.perturb(bucket.param, bucket.backup, flat_runs(bucket.runs), seed, coef, save_backup)
+        bucket.publish()
 
     def draw_momentum(self, bucket, seed: int, sigma: torch.Tensor) -> None:
         """HMC's ``v <- sigma * xi``."""
@@ -67,19 +70,23 @@ class Backend:
     def ascend(self, bucket, kick: torch.Tensor, one: torch.Tensor, adaptive: bool) -> None:
         """``theta <- theta + kick * P g`` (P = theta0**2 when ``adaptive``): the ascent sampler's move."""
         self.ops.leapfrog(bucket.param, bucket.grad, kick, one, None, bucket.backup if adaptive else None)
+        bucket.publish()
 
     def leapfrog(self, bucket, kick: torch.Tensor, drift: torch.Tensor) -> None:
         """HMC's ``v <- v + kick * g; theta <- theta + drift * v``."""
         self.ops.leapfrog(bucket.param, bucket.grad, kick, drift, bucket.momentum, None)
+        bucket.publish()
 
     def tilt_accumulate(self, bucket, a, b, first: bool, seed: Optional[int], coef) -> None:
         """``A <- a A + b g`` (``b g`` when ``first``) fused with the next start ``theta <- theta0 + coef xi``."""
         self.ops.tilt_accumulate(bucket.acc, bucket.grad, a, b, first, bucket.param, bucket.backup,
                                  flat_runs(bucket.runs), seed, coef)
+        bucket.publish()
 
     def finalize(self, bucket, a, b, inv_z, first: bool) -> None:
         """``grad <- (a A + b g) * inv_z`` and ``theta <- theta0``: the end of a step."""
         self.ops.finalize(bucket.acc, bucket.grad, a, b, inv_z, first, bucket.param, bucket.backup)
+        bucket.publish()
 
 
 @dataclass(frozen=True)
