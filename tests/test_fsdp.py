@@ -199,20 +199,20 @@ CKPT_CASE = "hmc-sphere"
 
 
 def _save_state(model, opt, path):
+    """The README's recipe."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=path)
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
 
 def _load_state(model, opt, path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"])
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def _checkpoint_worker(rank, port, out, mode):
@@ -275,21 +275,27 @@ def test_checkpoint_state_init_is_no_step():
 # -- a failing closure on one rank -----------------------------------------------------------------
 
 
-def _failure_worker(rank, port, out):
-    """Rank 0's closure raises at the step's third evaluation. Rank 1 is then blocked in the next collective
-    (FSDP's all-gather or reduce-scatter, or TSAM's loss all-reduce), which fails once rank 0 leaves the
-    group (gloo: connection closed) or at the group's timeout: its step is abandoned too."""
+def _failure_worker(rank, port, out, fault):
+    """``raise``: rank 0's closure raises at the step's third evaluation. Rank 1 is then blocked in the next
+    collective (FSDP's all-gather or reduce-scatter, or TSAM's loss all-reduce), which fails once rank 0
+    leaves the group (gloo: connection closed) or at the group's timeout: its step is abandoned too.
+    ``nan-shard``: a NaN lands in rank 1's shard of a gradient only (rank 0's shard and the losses stay
+    finite): the finiteness verdict is all-reduced, so both ranks raise NonFiniteLossError and restore."""
     _init(rank, port, timeout=30)
     x, y = _half(rank)
     model = _shard(Net(), "ascent")
     opt = _optimizer(model, "ascent")
     _train(model, opt, x, y, "ascent", steps=1)
-    theta0 = [p.to_local().detach().clone() for p in opt.param_groups[0]["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    theta0 = [p.to_local().detach().clone() for p in params]
     calls = []
+    if fault == "nan-shard" and rank == 1:
+        model.inp.weight.register_post_accumulate_grad_hook(
+            lambda p: p.grad.to_local()[0, 0].fill_(float("nan")) if len(calls) == 4 else None)
 
     def closure():
         calls.append(1)
-        if rank == 0 and len(calls) == 3:
+        if fault == "raise" and rank == 0 and len(calls) == 3:
             raise KeyError("data loader broke on rank 0")
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
@@ -301,20 +307,21 @@ def _failure_worker(rank, port, out):
     except Exception as exc:  # noqa: BLE001 - any error type; what matters is that the step was undone
         error = f"{type(exc).__name__}: {exc}"
     finally:
-        if rank == 0:
+        if rank == 0 and fault == "raise":
             dist.destroy_process_group()
-    restored = all(torch.equal(p.to_local(), t) for p, t in zip(opt.param_groups[0]["params"], theta0))
-    torch.save(dict(error=error, restored=restored, step=opt.step_count,
-                    grads=[p.grad is None for p in opt.param_groups[0]["params"]]), os.path.join(out, f"fail{rank}.pt"))
-    if rank != 0:
+    restored = all(torch.equal(p.to_local(), t) for p, t in zip(params, theta0))
+    torch.save(dict(error=error, restored=restored, step=opt.step_count, grads=[p.grad is None for p in params]),
+               os.path.join(out, f"fail{rank}.pt"))
+    if rank != 0 or fault != "raise":
         dist.destroy_process_group()
 
 
-def test_failing_closure_on_one_rank_restores_every_rank(tmp_path):
-    run_ranks(_failure_worker, WORLD, free_port(), str(tmp_path), timeout=180)
+@pytest.mark.parametrize("fault,message", [("raise", "data loader broke"), ("nan-shard", "NonFiniteLossError")])
+def test_failure_on_one_rank_restores_every_rank(tmp_path, fault, message):
+    run_ranks(_failure_worker, WORLD, free_port(), str(tmp_path), fault, timeout=180)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"fail{rank}.pt")
         assert got["error"] is not None, f"rank {rank} finished a step its peer abandoned"
         assert got["restored"], f"rank {rank}'s shards are not back at theta0"
         assert got["step"] == 1 and all(got["grads"]), f"rank {rank}: state or gradients changed"
-    assert "data loader broke" in torch.load(tmp_path / "fail0.pt")["error"]
+    assert message in torch.load(tmp_path / "fail0.pt")["error"]

@@ -17,6 +17,10 @@ What the layout guarantees:
   sparse gradients before they are silently densified.
 * If a parameter's ``.data`` no longer views the buffer (``model.to()``, ``.half()``, assignment), the
   next step raises instead of training a stale copy.
+* FSDP2 (``fully_shard``) parameters are the exception to the views: their storage must stay FSDP's, so
+  a bucket holds their local shards (copied through a packed buffer, or in place), its noise runs start at
+  each element's index in the unsharded parameter, and ``p.grad`` is a DTensor over the flat gradient
+  (docs/design.md §6). Other sharded parameters are rejected.
 """
 
 from __future__ import annotations
