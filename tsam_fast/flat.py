@@ -149,6 +149,7 @@ class Bucket:
         self.dtype = dtype
         #: the process group of the shard dimension (sums over the bucket are partial), or None
         self.shard_group = shard_group
+        self.in_place = False  # a sharded bucket over one local shard's own storage
         self.params: List[torch.Tensor] = []
         self.indices: List[int] = []  # positions of self.params in FlatLayout.params
         self.param_views: List[torch.Tensor] = []
@@ -210,7 +211,7 @@ def _merge_runs(runs: List[Tuple[int, int, int]]) -> Tuple[Tuple[int, int, int],
 class FlatLayout:
     """Packs the trainable parameters of ``param_groups`` into flat buckets and keeps them honest."""
 
-    def __init__(self, param_groups, names: Optional[Dict[int, str]] = None, shards: str = "packed"):
+    def __init__(self, param_groups, names: Optional[Dict[int, str]] = None, shards: str = "auto"):
         self.active = False
         self.signature = self.signature_of(param_groups)
         self.params: List[torch.Tensor] = []
@@ -234,11 +235,13 @@ class FlatLayout:
                 if p.requires_grad:
                     if sharding is not None:
                         self._check_mesh(sharding, name)
-                        key = (gi, p.device, p.dtype, "sharded", id(p) if shards == "in_place" else None)
+                        in_place = shards == "in_place" or (shards == "auto" and p.device.type != "cuda")
+                        key = (gi, p.device, p.dtype, "sharded", id(p) if in_place else None)
                     else:
                         key = (gi, p.device, p.dtype)
                     if key not in by_key:
                         by_key[key] = Bucket(gi, p.device, p.dtype, sharding.group if sharding else None)
+                        by_key[key].in_place = len(key) > 3 and key[4] is not None
                         self.buckets.append(by_key[key])
                     pending.setdefault(id(by_key[key]), []).append((p, global_offset, sharding))
                     self.names.append(name)
@@ -249,7 +252,7 @@ class FlatLayout:
         self.total_numel = global_offset
         index_of = {id(p): i for i, p in enumerate(self.params)}
         for bucket in self.buckets:
-            self._pack(bucket, pending[id(bucket)], index_of, in_place=shards == "in_place")
+            self._pack(bucket, pending[id(bucket)], index_of)
         self.touched = [False] * len(self.params)
         self.used = [False] * len(self.params)
         for i, p in enumerate(self.params):
@@ -280,9 +283,9 @@ class FlatLayout:
     def _sharded_indices(self) -> set:
         return {i for b in self.buckets if b.sharded for i in b.indices}
 
-    def _pack(self, bucket: Bucket, members, index_of, in_place: bool = False) -> None:
-        if bucket.sharded:
-            self._pack_shards(bucket, members, index_of, in_place)
+    def _pack(self, bucket: Bucket, members, index_of) -> None:
+        if bucket.sharded:  # a bucket per parameter: in place; several: packed
+            self._pack_shards(bucket, members, index_of, in_place=len(members) == 1 and bucket.in_place)
             return
         runs = []
         offset = 0

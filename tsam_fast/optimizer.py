@@ -76,10 +76,12 @@ class TSAM(torch.optim.Optimizer):
             a sum of local shards' sums over the shard dimension, packed into the same all-reduce. ``"auto"`` (default) uses the default
             group when ``torch.distributed`` is initialized with more than one rank; ``None`` never
             all-reduces (e.g. independent models per rank).
-        shard_buffers: FSDP2 (``fully_shard``) models only (docs/design.md §6): ``"packed"`` (default) runs
-            each op once over a flat buffer of ours that the local shards are copied into at the start of
-            a step and out of after each move (the shards' storage stays FSDP's); ``"in_place"`` runs the
-            ops on each local shard's own storage (no copies, one op launch per parameter).
+        shard_buffers: FSDP2 (``fully_shard``) models only (docs/design.md §6): ``"packed"`` runs each op
+            once over a flat buffer of ours that the local shards are copied into at the start of a step
+            and out of after each move (the shards' storage stays FSDP's); ``"in_place"`` runs the ops on
+            each local shard's own storage (no copies, one op launch per parameter). ``"auto"`` (default):
+            ``in_place`` on the CPU, where the copies cost more than the launches (bench/fsdp.py), and
+            ``packed`` on CUDA, where a launch costs more than copying a shard.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
     The closure evaluates the loss at the current (perturbed) parameters and calls ``backward()``;
@@ -95,7 +97,7 @@ class TSAM(torch.optim.Optimizer):
                  hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
                  seed: int = 0, backend: str = "auto", check_finite: bool = True,
                  grad_scaler: Optional["torch.amp.GradScaler"] = None,
-                 process_group: Union[str, None, object] = "auto", shard_buffers: str = "packed",
+                 process_group: Union[str, None, object] = "auto", shard_buffers: str = "auto",
                  **base_kwargs):
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError("base_optimizer must be an optimizer class such as torch.optim.SGD "
@@ -111,7 +113,7 @@ class TSAM(torch.optim.Optimizer):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (got {type(grad_scaler).__name__})")
         self.grad_scaler = grad_scaler
         self.process_group = process_group
-        self.shard_buffers = check_choice("shard_buffers", shard_buffers, ("packed", "in_place"))
+        self.shard_buffers = check_choice("shard_buffers", shard_buffers, ("auto", "packed", "in_place"))
         for key, value in base_kwargs.items():  # e.g. lr=nan passes torch's `lr < 0` checks
             values = value if isinstance(value, (tuple, list)) else (value,)
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
