@@ -3,7 +3,7 @@ and a shard of every parameter, and the result equals one unsharded process on t
 
 The model has a parameter whose first dimension does not divide by the world size (15 rows: 8 and 7), one
 whose rows are fewer than the ranks' share (1 row: rank 1's shard is empty) and a frozen parameter. One
-spawn of 2 ranks trains every case of ``CASES`` (sampler, start, groups, clipping, adaptive, tilt schedule,
+spawn of 2 ranks trains every case of ``CASES`` (sampler, start, groups, clipping, adaptive, tilt schedule, relative radius,
 the closure-free loop, HSDP, bf16 mixed precision, both shard buffer layouts; ``auto`` is ``in_place``
 on the CPU); the parent process trains
 the same cases unsharded and compares. Checkpoints go through ``torch.distributed.checkpoint``.
@@ -70,6 +70,7 @@ CASES: Dict[str, Dict[str, Any]] = {
     "in-place-shards": dict(shard_buffers="in_place"),
     "closure-free-loop": dict(sampler="hmc", run=dict(loop=True)),
     "hsdp-2x1": dict(run=dict(mesh=(2, 1))),
+    "relative-radius": dict(radius_mode="relative", radius=0.02, start="sphere", sampler="random"),
     "bf16-compute": dict(run=dict(bf16=True, rtol=3e-2)),
 }
 

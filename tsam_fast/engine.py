@@ -33,6 +33,7 @@ __all__ = ["StepConfig", "Evaluation", "StepRun", "NonFiniteLossError", "SAMPLER
 
 SAMPLERS = ("ascent", "random", "hmc")
 STARTS = ("gaussian", "sphere", "ball", "none")
+RADIUS_MODES = ("absolute", "relative")
 ROLES = ("ascent", "leapfrog", "sample")
 # Added to norms before dividing, as in the widely used SAM implementations.
 _NORM_EPS = 1e-12
@@ -101,6 +102,7 @@ class StepConfig:
     hmc_step_size: float = 0.01
     hmc_sigma: float = 1.0
     check_finite: bool = True
+    radius_mode: str = "absolute"
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -117,6 +119,7 @@ class StepConfig:
         set_(self, "hmc_step_size", check_number("hmc_step_size", self.hmc_step_size))
         set_(self, "hmc_sigma", check_number("hmc_sigma", self.hmc_sigma))
         set_(self, "check_finite", bool(self.check_finite))
+        set_(self, "radius_mode", check_choice("radius_mode", self.radius_mode, RADIUS_MODES))
         set_(self, "plan", self._plan())
 
     def _plan(self) -> Tuple[Evaluation, ...]:
@@ -351,6 +354,7 @@ class StepRun:
         self.guard = Guard(self, config.check_finite, opt.grad_scaler)
         self.tilt = TiltState(self.taus)
         self.losses: List[torch.Tensor] = []
+        self.theta_norm: Optional[torch.Tensor] = None  # ||theta0|| for radius_mode="relative"
         # constant step scalars (1, 0, HMC sizes), kept by the optimizer across steps: never written to
         self._scalars: Dict[float, torch.Tensor] = opt._constants.setdefault((self.device, self.dtype), {})
         self._position = 0          # index of the next evaluation
@@ -449,7 +453,11 @@ class StepRun:
         tau0, tilt0 = self.taus[self.group0], self.tilts[self.group0]
         opt.last_losses = losses
         shift = shifted(losses, tau0)
-        opt.last_weights = torch.softmax(shift, dim=0)
+        opt.last_weights = weights = torch.softmax(shift, dim=0)
+        # the tilt diagnostics (docs/design.md §2): 1 <= ESS <= s; ESS near s with a small loss range means
+        # the tilt is inert (the step is an average of the samples)
+        opt.last_ess = (weights * weights).sum().reciprocal()
+        opt.last_loss_range = losses.max() - losses.min()
         tilted = tilted_loss(losses, tilt0, shift if tau0 == tilt0 else None)
         self._release()
         if self.guard.failed():  # check_finite's one host read
@@ -597,6 +605,8 @@ class StepRun:
         if sqnorm is None:
             return [self._scalar(0.0)] * len(groups)
         inv_norm = sqnorm.sqrt().clamp_min(1e-30).reciprocal()
+        if self.theta_norm is not None:  # radius_mode="relative": r ||theta0|| (docs/design.md §3)
+            inv_norm = inv_norm * self.theta_norm
         if cfg.start == "ball":  # radius r * u^(1/d), u ~ U(0, 1) drawn on the host from its own stream
             u = rng.host_uniform(rng.stream_seed(opt.seed, self.k, j, rng.STREAM_RADIUS))
             shrink = rng.log_uniform_radius(u, self.layout.trainable_numel)
@@ -621,7 +631,13 @@ class StepRun:
                 for b in self.buckets:
                     b.pull()
                 seed, parts = self._noise(0)
-                coefs = self._coefs(0, None if parts is None else self._reduce([parts])[1][0])
+                sqnorm = None
+                if parts is not None and self.config.radius_mode == "relative":  # one collective for both
+                    sqnorm, theta = self._reduce([parts, [s.backend.param_sqnorm(s.bucket) for s in self.slots]])[1]
+                    self.theta_norm = theta.sqrt()
+                elif parts is not None:
+                    sqnorm = self._reduce([parts])[1][0]
+                coefs = self._coefs(0, sqnorm)
                 for s in self.slots:
                     s.backend.perturb(s.bucket, seed, self._per_group(coefs, s), save_backup=True)
             self._backed_up = True

@@ -50,6 +50,10 @@ class TSAM(torch.optim.Optimizer):
             clipped to norm ``radius``), ``"sphere"`` (norm exactly ``radius``), ``"ball"`` (uniform in
             the ball of radius ``radius``) or ``"none"``.
         radius, noise_scale, rho: r, the Gaussian scale, the ascent step length.
+        radius_mode: ``"absolute"`` (default, the paper's code): ``radius`` is a length. ``"relative"``: a
+            fraction of ``||theta0||``, the L2 norm of all trainable parameters at the start of the step
+            (beyond the paper; a radius that follows the weights' scale, e.g. ``radius=0.01`` moves them
+            by 1%; one extra reduction per step, packed with the first start's).
         adaptive: ASAM-style ascent, scaled element-wise by ``|theta|`` (``ascent`` only).
         max_grad_norm: clip each sample's gradient to this global norm before it is accumulated.
         delta: the weights use ``softmax((t - delta) * L)`` (the paper's correction when the sampler
@@ -87,7 +91,9 @@ class TSAM(torch.optim.Optimizer):
     The closure evaluates the loss at the current (perturbed) parameters and calls ``backward()``;
     ``step`` zeroes the gradients before each call itself. ``step`` returns the tilted loss estimate
     ``(1/t) log mean_j exp(t L_j)`` (the mean at t = 0) as a 0-dim tensor; ``last_losses`` and
-    ``last_weights`` hold the last step's per-sample losses and weights (group 0's tilt).
+    ``last_weights`` hold the last step's per-sample losses and weights (group 0's tilt), ``last_ess``
+    their effective sample size ``1 / sum(w**2)`` (1 to s) and ``last_loss_range`` the losses' max - min,
+    all device tensors (no host sync); :meth:`tilt_diagnostics` gathers them.
     """
 
     def __init__(self, params, base_optimizer, *, tilt: Union[float, Callable[[int], float]] = 1.0,
@@ -95,7 +101,7 @@ class TSAM(torch.optim.Optimizer):
                  radius: float = 1.0, noise_scale: float = 1.0, rho: float = 0.05,
                  adaptive: bool = False, max_grad_norm: Optional[float] = None, delta: float = 0.0,
                  hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
-                 seed: int = 0, backend: str = "auto", check_finite: bool = True,
+                 radius_mode: str = "absolute", seed: int = 0, backend: str = "auto", check_finite: bool = True,
                  grad_scaler: Optional["torch.amp.GradScaler"] = None,
                  process_group: Union[str, None, object] = "auto", shard_buffers: str = "auto",
                  **base_kwargs):
@@ -104,7 +110,8 @@ class TSAM(torch.optim.Optimizer):
                             f"(got {base_optimizer!r}); its options go in TSAM's keyword arguments")
         self.config = StepConfig(num_samples=num_samples, sampler=sampler, start=start, noise_scale=noise_scale,
                                  adaptive=adaptive, max_grad_norm=max_grad_norm, delta=delta, hmc_steps=hmc_steps,
-                                 hmc_step_size=hmc_step_size, hmc_sigma=hmc_sigma, check_finite=check_finite)
+                                 hmc_step_size=hmc_step_size, hmc_sigma=hmc_sigma, check_finite=check_finite,
+                                 radius_mode=radius_mode)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"invalid seed={seed!r}: expected an integer")
         self.seed = int(seed)
@@ -127,6 +134,8 @@ class TSAM(torch.optim.Optimizer):
         self._constants: Dict = {}  # (device, dtype) -> constant step scalars (tsam_fast.engine.StepRun)
         self.last_losses: Optional[torch.Tensor] = None
         self.last_weights: Optional[torch.Tensor] = None
+        self.last_ess: Optional[torch.Tensor] = None
+        self.last_loss_range: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -273,6 +282,22 @@ class TSAM(torch.optim.Optimizer):
         """Gradient evaluations (closure calls) one step makes: 2s for ``ascent``, s for ``random``,
         s(1 + hmc_steps) for ``hmc``."""
         return self.config.evaluations_per_step
+
+    def tilt_diagnostics(self) -> Dict[str, torch.Tensor]:
+        """The last step's tilt, as device tensors (no host sync): ``ess`` (effective sample size of the
+        weights, 1/sum(w^2): s when they are uniform, 1 when one sample has them all), ``max_weight``,
+        ``loss_range`` (max - min of the sample losses), ``losses``, ``weights``. An ESS that stays near s
+        means the tilt is inert: the samples' losses differ too little for t to tell them apart; raise t or
+        the radius (``radius_mode="relative"`` sets it from the weights' scale). Sum them over an epoch on
+        the device and read them once::
+
+            ess = ess + opt.tilt_diagnostics()["ess"]     # each step
+            print(ess.item() / steps)                     # once per epoch
+        """
+        if self.last_weights is None:
+            raise RuntimeError("no TSAM step has finished yet: tilt_diagnostics() describes the last step")
+        return dict(ess=self.last_ess, max_weight=self.last_weights.max(), loss_range=self.last_loss_range,
+                    losses=self.last_losses, weights=self.last_weights)
 
     @property
     def step_count(self) -> int:

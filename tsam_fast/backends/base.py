@@ -54,6 +54,10 @@ class Backend:
         """``sum(xi**2)`` over the bucket (generator only)."""
         return self.ops.noise_sqnorm(flat_runs(bucket.runs), seed, bucket.device)
 
+    def param_sqnorm(self, bucket) -> torch.Tensor:
+        """``sum(theta**2)`` (theta0, at the start of a step)."""
+        return self.ops.sqnorm(bucket.param, None)
+
     def grad_sqnorm(self, bucket, adaptive: bool = False) -> torch.Tensor:
         """``sum((T g)**2)``, T = |theta0| when ``adaptive`` else 1."""
         return self.ops.sqnorm(bucket.grad, bucket.backup if adaptive else None)
