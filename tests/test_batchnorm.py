@@ -1,4 +1,16 @@
-"""The batch-norm recipe: running statistics update once per TSAM step (first closure call only)."""
+"""The batch-norm policies, each against an independent implementation of it.
+
+* ``"once_per_step"`` (``bn_update_once_per_step``): only a step's first evaluation updates the running
+  statistics. Oracle: a closure that saves every batch-norm buffer before a later evaluation's forward and
+  copies it back after the backward.
+* ``"per_sample"`` (``bn_update_per_sample``, the TSAM authors' loop): the first evaluation of each sample
+  updates. Oracle: the authors' momentum-0 trick (momentum set to 0 for a sample's later evaluations, put
+  back for its first), with "first of its sample" derived from the sampler's structure, not from the plan.
+
+Both run a few real steps (lr > 0, so the points differ from step to step) under ``step(closure)`` and the
+closure-free loop, and must match the oracle bit for bit: parameters, running statistics and
+``num_batches_tracked``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +18,18 @@ import pytest
 import torch
 from torch import nn
 
-from tsam_fast import TSAM, bn_update_once_per_step
+from tsam_fast import (BN_POLICIES, TSAM, bn_running_stats, bn_update_once_per_step, bn_update_per_sample)
+
+from tables import one_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SAMPLERS = {
+    "ascent": dict(sampler="ascent", num_samples=3),
+    "random": dict(sampler="random", num_samples=3),
+    "hmc": dict(sampler="hmc", num_samples=2, hmc_steps=2),
+}
+STEPS = 3
 
 
 def net(momentum):
@@ -15,51 +38,199 @@ def net(momentum):
                          nn.Flatten(), nn.Linear(4 * 6 * 6, 2), nn.BatchNorm1d(2, momentum=momentum))
 
 
-@pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
-def test_running_stats_update_once_per_step(momentum):
-    x = torch.randn(8, 3, 8, 8)
+def batch_norms(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def first_of_its_sample(options, index: int) -> bool:
+    """From the sampler's definition: ascent = (ascent, sample) pairs, random = one evaluation per sample,
+    hmc = K leapfrogs then the sample evaluation."""
+    per_sample = {"ascent": 2, "random": 1, "hmc": options.get("hmc_steps", 1) + 1}[options["sampler"]]
+    return index % per_sample == 0
+
+
+def make(momentum, options):
     model = net(momentum)
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, radius=0.3, seed=5,
+               backend="reference", **options)
+    return model, opt
+
+
+def run_steps(model, opt, x, loop: bool, before=None, after=None):
+    """STEPS TSAM steps; ``before(index)``/``after(index)`` wrap each evaluation (the oracles' mechanism)."""
+    for _ in range(STEPS):
+        if loop:
+            run = opt.begin_step()
+            for ev in run:
+                before and before(ev.index)
+                loss = model(x).square().mean()
+                loss.backward()
+                after and after(ev.index)
+                run.record(loss)
+            run.finish()
+        else:
+            def closure():
+                index = opt.closure_index
+                before and before(index)
+                loss = model(x).square().mean()
+                loss.backward()
+                after and after(index)
+                return loss
+            opt.step(closure)
+
+
+def once_per_step_oracle(model):
+    saved = {}
+
+    def before(index):
+        if index > 0:
+            saved.update({id(b): b.clone() for m in batch_norms(model) for b in m.buffers()})
+
+    def after(index):
+        if index > 0:
+            for m in batch_norms(model):
+                for b in m.buffers():
+                    b.copy_(saved[id(b)])
+    return before, after
+
+
+def authors_oracle(model, options):
+    """The reference loop's trick: momentum 0 for the forwards that must not update (BatchNorm still counts
+    them in num_batches_tracked)."""
+    layers = batch_norms(model)
+    original = [m.momentum for m in layers]
+
+    def before(index):
+        for m, mom in zip(layers, original):
+            m.momentum = mom if first_of_its_sample(options, index) else 0.0
+
+    def after(index):
+        for m, mom in zip(layers, original):
+            m.momentum = mom
+    return before, after
+
+
+def assert_same_state(a, b):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["closure", "loop"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
+@pytest.mark.parametrize("policy", ["once_per_step", "per_sample"])
+def test_policy_matches_its_oracle(policy, momentum, sampler, loop):
+    options = SAMPLERS[sampler]
+    x = torch.randn(8, 3, 8, 8)
+    model, opt = make(momentum, options)
+    handle = bn_running_stats(model, opt, policy)
+    run_steps(model, opt, x, loop)
+
+    ref, ref_opt = make(momentum, options)
+    oracle = once_per_step_oracle(ref) if policy == "once_per_step" else authors_oracle(ref, options)
+    run_steps(ref, ref_opt, x, loop, *oracle)
+    assert_same_state(model, ref)
+
+    per_step = opt.evaluations_per_step
+    updates = 1 if policy == "once_per_step" else options["num_samples"]
+    counted = STEPS * (1 if policy == "once_per_step" else per_step)
+    assert int(model[1].num_batches_tracked) == counted
+    # the policy is not a no-op: a model with every forward updating ends elsewhere (unless it coincides)
+    if updates < per_step:
+        bare, bare_opt = make(momentum, options)
+        run_steps(bare, bare_opt, x, loop)
+        assert not torch.equal(bare[1].running_mean, model[1].running_mean)
+
+    handle.remove()  # then every forward updates again
+    before = int(model[1].num_batches_tracked)
+    run_steps(model, opt, x, loop)
+    assert int(model[1].num_batches_tracked) == before + STEPS * per_step
+
+
+def test_once_per_step_is_one_forward_at_the_first_point():
+    """lr = 0: the parameters stay at theta0, so the statistics after a step are those of ONE forward at the
+    first evaluation's point, replayed on a copy."""
+    x = torch.randn(8, 3, 8, 8)
+    model = net(0.1)
     opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.0, num_samples=3, radius=0.1, backend="reference")
-    handle = bn_update_once_per_step(model, opt)
-    forwards = []
+    bn_update_once_per_step(model, opt)
+    first_point = {}
 
     def closure():
-        forwards.append(opt.closure_index)
+        if opt.closure_index == 0:
+            first_point.update({k: v.clone() for k, v in model.state_dict().items()})
         loss = model(x).square().mean()
         loss.backward()
         return loss
 
-    # lr=0: parameters stay at theta0, so the expected statistics are those of ONE forward at the
-    # first sample's point, which the closure-call log lets us replay on a copy.
-    first_point = {}
-    original = closure
-
-    def logging_closure():
-        if opt.closure_index == 0:
-            first_point.update({k: v.clone() for k, v in model.state_dict().items()})
-        return original()
-
-    opt.step(logging_closure)
-    assert forwards == [0, 1, 2, 3, 4, 5]
-    replay = net(momentum)
+    opt.step(closure)
+    replay = net(0.1)
     replay.load_state_dict(first_point)
-    replay.train()
     with torch.no_grad():
         replay(x)
-    for name, buf in model.named_buffers():
-        assert torch.equal(buf, dict(replay.named_buffers())[name]), name
+    for (name, buf), (_, expected) in zip(model.named_buffers(), replay.named_buffers()):
+        assert torch.equal(buf, expected), name
     assert int(model[1].num_batches_tracked) == 1
-
-    # outside a step (and after removing the recipe) every forward updates the statistics again
-    model(x)
+    model(x)  # outside a step every forward updates
     assert int(model[1].num_batches_tracked) == 2
-    handle.remove()
+
+
+def test_eval_mode_forwards_inside_a_step_are_untouched():
+    x = torch.randn(8, 3, 8, 8)
+    model, opt = make(0.1, SAMPLERS["ascent"])
+    bn_update_per_sample(model, opt)
+    stats = []
+
+    def closure():
+        loss = model(x).square().mean()
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        model.train()
+        stats.append(model[1].running_mean.clone())
+        return loss
+
     opt.step(closure)
-    assert int(model[1].num_batches_tracked) == 2 + 6
+    assert int(model[1].num_batches_tracked) == opt.evaluations_per_step
+    # evaluations 0, 2, 4 update (first of samples 0, 1, 2); 1, 3, 5 leave the statistics as they were
+    for i in (1, 3, 5):
+        assert torch.equal(stats[i], stats[i - 1])
+    for i in (2, 4):
+        assert not torch.equal(stats[i], stats[i - 1])
 
 
-def test_recipe_needs_batch_norm():
-    model = nn.Linear(2, 2)
-    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="reference")
-    with pytest.raises(ValueError, match="no batch-norm layer"):
-        bn_update_once_per_step(model, opt)
+class _Wrapper:
+    """What Lightning's LightningOptimizer and Accelerate's AcceleratedOptimizer look like here."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+
+@pytest.mark.parametrize("policy", ["once_per_step", "per_sample"])
+def test_a_trainers_wrapper_is_accepted(policy):
+    model, opt = make(0.1, SAMPLERS["ascent"])
+    bn_running_stats(model, _Wrapper(opt), policy)
+    run_steps(model, opt, torch.randn(8, 3, 8, 8), loop=True)
+    assert int(model[1].num_batches_tracked) == STEPS * (1 if policy == "once_per_step" else 6)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda m, o: bn_update_once_per_step(nn.Linear(2, 2), o), ValueError, "no batch-norm layer"),
+    (lambda m, o: bn_update_per_sample(nn.Linear(2, 2), o), ValueError, "no batch-norm layer"),
+    (lambda m, o: bn_running_stats(m, o, "twice"), ValueError, "invalid policy='twice'.*'per_sample'"),
+    (lambda m, o: bn_update_per_sample(m, torch.optim.SGD(m.parameters(), lr=0.1)), TypeError,
+     "expected the TSAM optimizer.*got SGD"),
+], ids=["no-bn-once", "no-bn-per-sample", "bad-policy", "not-tsam"])
+def test_bad_input_is_a_clear_error(call, exc, match):
+    model, opt = make(0.1, SAMPLERS["ascent"])
+    with pytest.raises(exc, match=match):
+        call(model, opt)
+
+
+def test_every_forward_installs_nothing():
+    model, opt = make(0.1, SAMPLERS["ascent"])
+    assert set(BN_POLICIES) == {"once_per_step", "per_sample", "every_forward"}
+    bn_running_stats(model, opt, "every_forward").remove()
+    run_steps(model, opt, torch.randn(8, 3, 8, 8), loop=False)
+    assert int(model[1].num_batches_tracked) == STEPS * opt.evaluations_per_step

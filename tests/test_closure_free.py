@@ -382,3 +382,23 @@ def test_lightning_style_manual_optimization():
         last = float(training_step((x, y)))
     assert last < first
     assert len(backwards) == 21 * opt.evaluations_per_step
+
+
+def test_lr_scheduler_sees_the_closure_free_step():
+    """torch's LR schedulers warn "lr_scheduler.step() before optimizer.step()" unless the optimizer's step
+    ran; run.finish() is that step."""
+    import warnings
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = opt.begin_step()
+        for _ in run:
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            run.record(loss)
+        run.finish()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.05

@@ -8,7 +8,7 @@
 """
 
 from .backends import BackendStatus, BackendUnavailable, backend_info
-from .batchnorm import bn_update_once_per_step
+from .batchnorm import BN_POLICIES, bn_running_stats, bn_update_once_per_step, bn_update_per_sample
 from .metrics import Sharpness, sharpness
 from .optimizer import TSAM, NonFiniteLossError
 from .schedules import LinearTilt, linear_decay, linear_warmup
@@ -22,6 +22,9 @@ __all__ = [
     "BackendUnavailable",
     "backend_info",
     "bn_update_once_per_step",
+    "bn_update_per_sample",
+    "bn_running_stats",
+    "BN_POLICIES",
     "Sharpness",
     "sharpness",
     "LinearTilt",

@@ -1,28 +1,49 @@
-"""Batch norm under TSAM: running statistics update once per optimizer step.
+"""Batch norm under TSAM: which forwards of a step update the running statistics (docs/design.md §8.1).
 
-A TSAM step runs the closure 2*s times (``ascent``); left alone, batch-norm layers would fold every
-perturbed forward into their running statistics. The reference code lets only the first forward of
-each step update them; :func:`bn_update_once_per_step` does the same, exactly, for any momentum
-setting (including ``momentum=None``'s cumulative average): in every later closure call of a step the
-layers still normalize with the batch's statistics, but they update throw-away copies of their
-running buffers, and the real buffers are put back after the forward. (Swapping rather than copying
-back matters: autograd saved the buffers the forward used, so they must not change in place.)
+A TSAM step runs 2s forwards (``ascent``; s for ``random``, s(1 + K) for ``hmc``) at perturbed points; left
+alone, a batch-norm layer folds every one of them into its running statistics. Two policies, by name:
+
+``"once_per_step"`` -- :func:`bn_update_once_per_step`
+    Only the step's first evaluation updates the running statistics: one update per step, as ERM makes
+    and as davda54/sam's example intends (its momentum-0 trick freezes the second forward's update).
+    ``num_batches_tracked`` rises by 1 per step, so ``momentum=None`` (the cumulative average) stays the
+    exact average over steps.
+
+``"per_sample"`` -- :func:`bn_update_per_sample` (the TSAM authors' loop)
+    The first evaluation of each sample j updates ``running_mean``/``running_var`` (s updates per step);
+    the sample's later evaluations (its ``sample`` evaluation after an ascent, its later leapfrogs) leave
+    them unchanged. Like the authors' momentum-0 trick, every training forward still counts in
+    ``num_batches_tracked`` (2s per ``ascent`` step), which also sets the weight 1/num_batches_tracked of
+    ``momentum=None``: the statistics match that loop's bit for bit.
+
+``"every_forward"`` installs nothing: every forward updates (what a bare model does).
+
+How: in a forward that must not update, the layer normalizes with the batch's statistics as always but
+writes into throw-away copies of its running buffers, and the real buffers are put back after the forward.
+(Swapping rather than copying back matters: autograd saved the buffers the forward used, so they must not
+change in place.) The evaluation in progress comes from ``optimizer.closure_index``, so the policies work
+the same under ``step(closure)`` and the closure-free ``begin_step()`` loop, and every forward of an
+evaluation (micro-batches of gradient accumulation) is treated alike. Forwards outside a step
+(evaluation, other optimizers) and in eval mode are not affected::
 
     opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    handle = bn_update_once_per_step(model, opt)   # handle.remove() undoes it
-
-Forwards outside ``opt.step`` (evaluation, other optimizers) are not affected.
+    handle = bn_running_stats(model, opt, "per_sample")   # or bn_update_once_per_step(model, opt)
+    handle.remove()                                       # undoes it
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import Callable, List, Tuple
 
 from torch import nn
 
-__all__ = ["bn_update_once_per_step"]
+from .optimizer import TSAM
 
-_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+__all__ = ["BN_POLICIES", "bn_running_stats", "bn_update_once_per_step", "bn_update_per_sample"]
+
+BN_POLICIES = ("once_per_step", "per_sample", "every_forward")
+_STATS = ("running_mean", "running_var")
+_COUNT = "num_batches_tracked"
 
 
 class _Handles:
@@ -35,14 +56,28 @@ class _Handles:
         self._handles = []
 
 
-def bn_update_once_per_step(model: nn.Module, optimizer) -> _Handles:
-    """Let batch-norm running statistics update only in the first closure call of each TSAM step."""
+def _tsam_of(optimizer, caller: str) -> TSAM:
+    """The TSAM instance behind a trainer's wrapper (Lightning's LightningOptimizer, Accelerate's
+    AcceleratedOptimizer both keep it as ``.optimizer``)."""
+    opt = optimizer
+    for _ in range(4):
+        if isinstance(opt, TSAM):
+            return opt
+        opt = getattr(opt, "optimizer", None)
+    raise TypeError(f"{caller}: expected the TSAM optimizer (or a trainer's wrapper of it), got "
+                    f"{type(optimizer).__name__}")
+
+
+def _install(model: nn.Module, optimizer: TSAM, caller: str, frozen: Callable[[int], bool],
+             buffers: Tuple[str, ...]) -> _Handles:
+    """Hooks that, in a training forward of evaluation ``index`` with ``frozen(index)``, redirect ``buffers``
+    to throw-away copies."""
     stash = {}
 
     def before(module, args):
         index = optimizer.closure_index
-        if module.training and index is not None and index > 0:
-            real = {n: getattr(module, n) for n in _BN_BUFFERS if getattr(module, n, None) is not None}
+        if module.training and index is not None and frozen(index):
+            real = {n: getattr(module, n) for n in buffers if getattr(module, n, None) is not None}
             stash[module] = real
             for name, buf in real.items():
                 setattr(module, name, buf.clone())
@@ -57,5 +92,34 @@ def bn_update_once_per_step(model: nn.Module, optimizer) -> _Handles:
             handles.append(module.register_forward_pre_hook(before))
             handles.append(module.register_forward_hook(after, always_call=True))
     if not handles:
-        raise ValueError("bn_update_once_per_step: the model has no batch-norm layer that tracks running stats")
+        raise ValueError(f"{caller}: the model has no batch-norm layer that tracks running stats")
     return _Handles(handles)
+
+
+def bn_update_once_per_step(model: nn.Module, optimizer) -> _Handles:
+    """Policy ``"once_per_step"``: only the first evaluation of each TSAM step updates the running statistics
+    (and ``num_batches_tracked``)."""
+    opt = _tsam_of(optimizer, "bn_update_once_per_step")
+    return _install(model, opt, "bn_update_once_per_step", lambda index: index > 0, _STATS + (_COUNT,))
+
+
+def bn_update_per_sample(model: nn.Module, optimizer) -> _Handles:
+    """Policy ``"per_sample"`` (the TSAM authors' loop): the first evaluation of each sample updates the
+    running mean and variance; every training forward counts in ``num_batches_tracked``."""
+    opt = _tsam_of(optimizer, "bn_update_per_sample")
+    plan = opt.config.plan
+    return _install(model, opt, "bn_update_per_sample",
+                    lambda index: index > 0 and plan[index].sample == plan[index - 1].sample, _STATS)
+
+
+def bn_running_stats(model: nn.Module, optimizer, policy: str) -> _Handles:
+    """Install a batch-norm policy by name: ``"once_per_step"``, ``"per_sample"`` (the authors') or
+    ``"every_forward"`` (nothing installed)."""
+    if policy == "once_per_step":
+        return bn_update_once_per_step(model, optimizer)
+    if policy == "per_sample":
+        return bn_update_per_sample(model, optimizer)
+    if policy == "every_forward":
+        _tsam_of(optimizer, "bn_running_stats")
+        return _Handles([])
+    raise ValueError(f"invalid policy={policy!r}: expected one of {', '.join(map(repr, BN_POLICIES))}")

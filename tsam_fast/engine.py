@@ -471,6 +471,7 @@ class StepRun:
                 "through).")
         self.guard.base_step(opt.base_optimizer)
         opt._step_count += 1
+        opt._opt_called = True  # what torch's LR schedulers check for "optimizer.step() was called"
         self.state = "finished"
         self.result = tilted
         return tilted

@@ -1,0 +1,108 @@
+"""TSAM with Hugging Face Accelerate: a plain loop, ``accelerator.backward``, bf16, micro-batches, save/load state.
+
+    python examples/accelerate_tsam.py                        # CPU, bf16 autocast, 4 epochs
+    python examples/accelerate_tsam.py --mixed-precision no --epochs 2 --save state/   # then --resume state/
+    torchrun --nproc_per_node 2 examples/accelerate_tsam.py                           # 2 CPU processes (gloo)
+
+The model is the small ResNet-style CNN of ``tiny_resnet.py``. Batch norm: the TSAM authors' policy
+(``bn_update_per_sample``: running statistics updated by the first evaluation of each sample; every forward
+counted in ``num_batches_tracked``).
+
+The loop is the closure-free one (``TSAM.begin_step``): each evaluation runs the forward and
+``accelerator.backward`` of every micro-batch, with ``accelerator.no_sync`` on all but the last (no gradient
+all-reduce there under DDP), records the evaluation's loss, and ``run.finish()`` makes the base optimizer's
+step. Accelerate's own ``accumulate()`` context and ``gradient_accumulation_steps`` are not used: they
+accumulate over loop iterations, one backward each, while every TSAM evaluation needs the whole batch's
+gradient before the parameters move to the next point. Nor is the wrapper's ``optimizer.step()`` (TSAM
+needs its evaluations; ``run.finish()`` is the step). ``accelerator.save_state``/``load_state`` checkpoint
+the model, TSAM's state_dict (with its step counter and seed) and the scheduler; a resumed run continues
+the identical trajectory. Save with ``safe_serialization=False``: after the first step TSAM's parameters are
+views into one flat buffer, which safetensors takes for shared tensors -- with the default, Accelerate keeps
+one of them, warns "Removed shared tensor ...", and ``load_state`` then fails on the missing keys. fp16 with
+Accelerate's GradScaler is not supported (use bf16): the scaler would see only the final gradient, not an
+overflow in an ascent evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny_resnet import TinyResNet, images  # noqa: E402
+
+from tsam_fast import TSAM, bn_update_per_sample  # noqa: E402
+
+# TSAM and its base optimizer (SGD): s = 2 samples, 2 evaluations each (ascent)
+TSAM_OPTIONS = dict(momentum=0.9, weight_decay=5e-4, num_samples=2, tilt=1.0, radius=0.5, rho=0.05)
+STEPS_PER_EPOCH = 4  # 64 images, batch 16, in one process
+
+
+def train(epochs: int = 4, micro_batches: int = 2, mixed_precision: str = "bf16", save=None, resume=None,
+          total_epochs: int = 4, lr: float = 0.1, seed: int = 0):
+    """Train up to ``epochs`` (of a schedule planned for ``total_epochs``); returns (accelerator, model, tsam,
+    losses)."""
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    torch.manual_seed(seed)
+    model = TinyResNet()
+    opt = TSAM(model.parameters(), torch.optim.SGD, lr=lr, seed=seed, **TSAM_OPTIONS)
+    bn_update_per_sample(model, opt)  # the TSAM authors' batch-norm policy
+    # Accelerate steps a prepared scheduler once per process at each call: plan it in one process's steps
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_epochs * STEPS_PER_EPOCH)
+    x, y = images(64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+    model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    tsam = opt.optimizer  # the TSAM instance inside Accelerate's wrapper
+    first_epoch = 0
+    if resume:
+        accelerator.load_state(resume)
+        first_epoch = tsam.step_count // len(loader)  # checkpoints are saved at epoch ends
+
+    losses = []
+    for _ in range(first_epoch, epochs):
+        for xb, yb in loader:
+            parts = list(zip(xb.chunk(micro_batches), yb.chunk(micro_batches)))
+            run = tsam.begin_step()
+            for ev in run:
+                total = 0.0
+                for i, (xm, ym) in enumerate(parts):
+                    last = i == len(parts) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        loss = F.cross_entropy(model(xm), ym) * (len(xm) / len(xb))
+                        accelerator.backward(loss)
+                    total = total + loss.detach()
+                run.record(total)
+            losses.append(run.finish())
+            sched.step()
+    if save:
+        accelerator.save_state(save, safe_serialization=False)
+    return accelerator, model, tsam, losses
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--micro-batches", type=int, default=2)
+    p.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"])
+    p.add_argument("--save", help="directory for accelerator.save_state at the end")
+    p.add_argument("--resume", help="a directory written by --save")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
+    accelerator, model, tsam, losses = train(args.epochs, args.micro_batches, args.mixed_precision, args.save,
+                                             args.resume)
+    if accelerator.is_main_process:
+        print(json.dumps(dict(tsam_steps=tsam.step_count, first_loss=float(losses[0]) if losses else None,
+                              last_loss=float(losses[-1]) if losses else None)))
+    return losses
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,165 @@
+"""TSAM in PyTorch Lightning: manual optimization, an LR scheduler, gradient accumulation, checkpoints, DDP.
+
+    python examples/lightning_tsam.py                                 # 1 CPU process, ~10 s after imports
+    python examples/lightning_tsam.py --devices 2 --strategy ddp      # 2 CPU processes (gloo)
+    python examples/lightning_tsam.py --epochs 2 --save ckpt.ckpt     # then: --epochs 4 --resume ckpt.ckpt
+
+How TSAM fits Lightning (the README's "Trainers" section says why each choice):
+
+* ``automatic_optimization = False``: Lightning's automatic loop runs one backward per optimizer step; TSAM
+  runs 2s (``ascent``). ``training_step`` hands Lightning's optimizer wrapper a closure that runs ONE
+  evaluation -- forward and ``self.manual_backward`` for every micro-batch -- and TSAM calls it once per
+  evaluation. Going through the wrapper (rather than ``opt.optimizer.begin_step()``) keeps Lightning's step
+  counter (``trainer.global_step``, ``max_steps``, step-based checkpointing) and its precision plugin.
+* Gradient accumulation happens inside each evaluation (the batch is cut into micro-batches; under DDP all
+  but the last skip the gradient all-reduce). ``Trainer(accumulate_grad_batches=...)`` cannot work: it
+  accumulates over training steps, while every TSAM evaluation needs the whole batch before the
+  parameters move to the next point (and Lightning refuses it under manual optimization anyway).
+* The scheduler is returned by ``configure_optimizers`` (so Lightning saves and restores it) and stepped
+  by hand after each TSAM step.
+* Batch norm: policy ``--bn-policy`` (default ``once_per_step``: running statistics updated by the first
+  evaluation of each step; ``per_sample`` is the TSAM authors' loop, see ``tsam_fast.batchnorm``).
+* Checkpoints: Lightning saves TSAM's ``state_dict`` (base-optimizer state plus the step counter and seed),
+  the scheduler and the model; a run resumed from an epoch-end checkpoint continues the identical
+  trajectory, bit for bit (tests/test_integrations.py). From a mid-epoch checkpoint Lightning replays the
+  epoch's data from its start unless the dataloader is resumable (it warns): TSAM's part still resumes
+  exactly, the data order does not.
+* Precision: ``--precision bf16-mixed`` works (autocast around the closure). ``16-mixed`` cannot: its plugin
+  runs the closure once and then calls ``scaler.step(optimizer)`` without a closure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning as L
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny_resnet import TinyResNet, images  # noqa: E402
+
+from tsam_fast import TSAM, bn_running_stats  # noqa: E402
+
+# TSAM and its base optimizer (SGD): s = 2 samples, 2 evaluations each (ascent)
+TSAM_OPTIONS = dict(momentum=0.9, weight_decay=5e-4, num_samples=2, tilt=1.0, radius=0.5, rho=0.05)
+
+
+class TSAMClassifier(L.LightningModule):
+    def __init__(self, lr: float = 0.1, micro_batches: int = 2, total_steps: int = 16,
+                 bn_policy: str = "once_per_step", seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        torch.manual_seed(seed)
+        self.net = TinyResNet()
+        self._bn = None
+
+    def forward(self, x):
+        return self.net(x)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = TSAM(self.parameters(), torch.optim.SGD, lr=hp.lr, seed=hp.seed, **TSAM_OPTIONS)
+        if self._bn is not None:  # configure_optimizers runs again on a second fit
+            self._bn.remove()
+        self._bn = bn_running_stats(self.net, opt, hp.bn_policy)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=hp.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _sync(self, last: bool):
+        """Under DDP, all-reduce gradients only in the last micro-batch's backward."""
+        model = self.trainer.model
+        if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        parts = list(zip(x.chunk(self.hparams.micro_batches), y.chunk(self.hparams.micro_batches)))
+
+        def evaluation():  # one TSAM evaluation: every micro-batch, gradients accumulated
+            total = 0.0
+            for i, (xb, yb) in enumerate(parts):
+                with self._sync(last=i == len(parts) - 1):
+                    loss = F.cross_entropy(self(xb), yb) * (len(xb) / len(x))
+                    self.manual_backward(loss)
+                total = total + loss.detach()
+            return total
+
+        opt = self.optimizers()                   # Lightning's wrapper of the TSAM instance
+        tilted_loss = opt.step(closure=evaluation)
+        self.lr_schedulers().step()
+        self.log("tilted_loss", tilted_loss, prog_bar=True)
+        return tilted_loss
+
+
+def loader(batch_size: int = 16, n: int = 64) -> DataLoader:
+    x, y = images(n)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class Report(L.Callback):
+    """At the end of training, in every rank's process (also under ddp_spawn / ddp_fork, where the training
+    runs in child processes): print rank 0's summary; with ``out``, save each rank's result file."""
+
+    def __init__(self, out=None):
+        self.out = out
+
+    def on_train_end(self, trainer, module):
+        opt = trainer.optimizers[0]
+        result = dict(global_step=trainer.global_step, tsam_steps=opt.step_count,
+                      tilted_loss=float(trainer.callback_metrics["tilted_loss"]))
+        if self.out:
+            os.makedirs(self.out, exist_ok=True)
+            torch.save(dict(result, state=module.state_dict()), os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+        if trainer.is_global_zero:
+            print(json.dumps(result))
+
+
+def make_trainer(epochs: int, devices: int = 1, strategy: str = "auto", precision="32-true", callbacks=()):
+    return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs,
+                     precision=precision, logger=False, enable_checkpointing=False, callbacks=list(callbacks),
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+
+
+def fit(epochs: int, resume=None, save=None, devices: int = 1, strategy: str = "auto", precision="32-true",
+        callbacks=(), schedule_epochs: int = 4, **module_kwargs):
+    """Train (or resume) to ``epochs`` of an LR schedule planned for ``schedule_epochs`` (give a resumed run
+    the same); returns (module, trainer)."""
+    steps_per_epoch = 4  # 64 images / batch 16 in one process (each DDP rank gets half of them)
+    module_kwargs.setdefault("total_steps", max(schedule_epochs, epochs) * steps_per_epoch)
+    module = TSAMClassifier(**module_kwargs)
+    trainer = make_trainer(epochs, devices, strategy, precision, callbacks)
+    trainer.fit(module, loader(), ckpt_path=resume)
+    if save:
+        trainer.save_checkpoint(save)
+    return module, trainer
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--schedule-epochs", type=int, default=4, help="length of the LR schedule (keep it on resume)")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--strategy", default="auto")
+    p.add_argument("--precision", default="32-true", help="e.g. bf16-mixed")
+    p.add_argument("--micro-batches", type=int, default=2)
+    p.add_argument("--bn-policy", default="once_per_step", choices=["once_per_step", "per_sample", "every_forward"])
+    p.add_argument("--save", help="checkpoint written at the end")
+    p.add_argument("--resume", help="checkpoint to resume from")
+    p.add_argument("--out", help="directory for a per-rank result file (rank<k>.pt) used by the tests")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
+    fit(args.epochs, args.resume, args.save, args.devices, args.strategy, args.precision, [Report(args.out)],
+        args.schedule_epochs, micro_batches=args.micro_batches, bn_policy=args.bn_policy)
+
+
+if __name__ == "__main__":
+    main()
