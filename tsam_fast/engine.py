@@ -571,18 +571,21 @@ class StepRun:
         sharded = [self._total([x for x, s in zip(parts, self.slots) if s.bucket.sharded]) for parts in norms]
         plain = [self._total([x for x, s in zip(parts, self.slots) if not s.bucket.sharded]) for parts in norms]
         dist = torch.distributed
-        if self.world > 1 and loss is not None:
-            if self.one_group and norms:  # one all-reduce for all of them
-                packed = torch.stack([loss] + sharded)
-                dist.all_reduce(packed, group=self.pg)
-                loss, sharded = packed[0], list(packed[1:])
-            else:
+        average = self.world > 1 and loss is not None
+        shared = self.shard_group is not None and bool(norms)
+        if average and shared and self.one_group:  # FSDP2 on a 1-D mesh: one all-reduce for all of them
+            packed = torch.stack([loss] + sharded)
+            dist.all_reduce(packed, group=self.pg)
+            loss, sharded = packed[0], list(packed[1:])
+        else:
+            if average:
                 dist.all_reduce(loss, group=self.pg)
+            if shared:
+                packed = torch.stack(sharded)
+                dist.all_reduce(packed, group=self.shard_group)
+                sharded = list(packed)
+        if average:
             loss = loss / self.world
-        if self.shard_group is not None and norms and not (self.one_group and self.world > 1 and loss is not None):
-            packed = torch.stack(sharded)
-            dist.all_reduce(packed, group=self.shard_group)
-            sharded = list(packed)
         totals = [a if b is None else b if a is None else a + b for a, b in zip(sharded, plain)]
         return loss, totals
 
