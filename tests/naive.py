@@ -18,7 +18,7 @@ from tsam_fast import rng
 class NaiveTSAM:
     def __init__(self, param_groups, base_cls, *, tilt=1.0, num_samples=3, sampler="ascent", start="gaussian",
                  radius=1.0, noise_scale=1.0, rho=0.05, adaptive=False, max_grad_norm=None, delta=0.0,
-                 hmc_steps=1, hmc_step_size=0.01, hmc_sigma=1.0, seed=0, **base_kwargs):
+                 hmc_steps=1, hmc_step_size=0.01, hmc_sigma=1.0, seed=0, shared_ascent=False, **base_kwargs):
         if isinstance(param_groups, (list, tuple)) and param_groups and isinstance(param_groups[0], dict):
             groups = [dict(g) for g in param_groups]
         else:
@@ -34,6 +34,7 @@ class NaiveTSAM:
         self.noise_scale, self.adaptive, self.max_grad_norm, self.delta = noise_scale, adaptive, max_grad_norm, delta
         self.hmc_steps, self.hmc_step_size, self.hmc_sigma = hmc_steps, hmc_step_size, hmc_sigma
         self.seed, self.k = seed, 0
+        self.shared_ascent = shared_ascent  # one ascent gradient at theta0 for every sample
         # global offsets over every parameter (frozen included), in group then parameter order
         self.offsets, off, seen = {}, 0, set()
         for g in groups:
@@ -63,6 +64,18 @@ class NaiveTSAM:
             loss = closure()
         return float(loss)
 
+    def _ascent_step(self, g0, theta0):
+        """rho_g g0 / ||T g0|| (times T^2 when adaptive, T = |theta0|)."""
+        if self.adaptive:
+            g0n = math.sqrt(sum(float(((t.double() * g) ** 2).sum()) for t, g in zip(theta0, g0)))
+        else:
+            g0n = math.sqrt(sum(float((g.double() ** 2).sum()) for g in g0))
+        out = []
+        for (gi, _), g, t0 in zip(self.entries, g0, theta0):
+            e = self.groups[gi]["rho"] * g / (g0n + 1e-12)
+            out.append(e * t0.float() ** 2 if self.adaptive else e)
+        return out
+
     def step(self, closure):
         entries, k = self.entries, self.k
         theta0 = [p.detach().clone() for _, p in entries]
@@ -70,6 +83,11 @@ class NaiveTSAM:
         self.calls = []
         grads, losses, got_grad = [], [], [False] * len(entries)
         with torch.no_grad():
+            shared = None
+            if self.shared_ascent:  # the ascent step from g0 = grad L(theta0), added to every start
+                self._call(closure)
+                g0 = self._grads()
+                shared = self._ascent_step(g0, theta0)
             for j in range(self.s):
                 seed = rng.stream_seed(self.seed, k, j, rng.STREAM_START)
                 xi = [self._noise(p, seed) for _, p in entries]
@@ -88,17 +106,12 @@ class NaiveTSAM:
                     else:
                         eps = torch.zeros_like(x)
                     p.copy_(t0.float() + eps)
-                if self.sampler == "ascent":
+                if shared is not None:
+                    for (_, p), e in zip(entries, shared):
+                        p.copy_(p.float() + e)
+                elif self.sampler == "ascent":
                     self._call(closure)
-                    g0 = self._grads()
-                    if self.adaptive:
-                        g0n = math.sqrt(sum(float(((t.double() * g) ** 2).sum()) for t, g in zip(theta0, g0)))
-                    else:
-                        g0n = math.sqrt(sum(float((g.double() ** 2).sum()) for g in g0))
-                    for (gi, p), g, t0 in zip(entries, g0, theta0):
-                        e = self.groups[gi]["rho"] * g / (g0n + 1e-12)
-                        if self.adaptive:
-                            e = e * t0.float() ** 2
+                    for (_, p), e in zip(entries, self._ascent_step(self._grads(), theta0)):
                         p.copy_(p.float() + e)
                 elif self.sampler == "hmc":
                     mseed = rng.stream_seed(self.seed, k, j, rng.STREAM_MOMENTUM)

@@ -53,6 +53,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "ball": dict(start="ball"),
     "none": dict(start="none"),
     "s1": dict(num_samples=1),
+    "shared": dict(shared_ascent=True),  # one ascent gradient at theta0 for all samples (s + 1 evaluations)
 }
 
 # The second param group of a two-group config: the model's biases (and other parameters of < 2 dims),
@@ -127,6 +128,7 @@ CONFIGS: Dict[str, Config] = _table(
     config("ascent", "ball"),
     config("ascent", "none"),
     config("ascent", "none", "s1", id="sam"),  # exactly SAM (Foret et al.)
+    config("ascent", "shared", "adaptive"),
     config("random"),
     config("random", "delta"),
     config("hmc"),

@@ -24,6 +24,7 @@ CONFIGS = {
     "hmc": dict(sampler="hmc", hmc_steps=2),
     "sam": dict(num_samples=1, start="none"),
     "t0-none": dict(tilt=0.0, start="none"),
+    "shared-ascent": dict(shared_ascent=True, adaptive=True, radius_mode="relative", noise_scale=0.05),
 }
 BACKENDS = ["reference", "cpp"]
 
@@ -100,6 +101,9 @@ def test_evaluations_roles_and_counts(name):
     run.finish()
     assert len(seen) == opt.evaluations_per_step == len(run.evaluations)
     s = opt.num_samples
+    if opt.shared_ascent:  # one evaluation at theta0, then the samples: s + 1
+        assert [(ev.role, ev.sample) for ev in seen] == [("origin", 0)] + [("sample", j) for j in range(s)]
+        return
     per = {"ascent": ["ascent", "sample"], "random": ["sample"], "hmc": ["leapfrog"] * opt.hmc_steps + ["sample"]}
     assert [ev.role for ev in seen] == per[opt.sampler] * s
     assert [ev.sample for ev in seen] == [j for j in range(s) for _ in per[opt.sampler]]
@@ -147,7 +151,7 @@ def test_zero_grad_inside_an_evaluation_keeps_the_flat_views():
 
 # -- abandoning the loop ------------------------------------------------------------------------
 
-POSITIONS = [(name, k) for name in ("ascent", "hmc", "random-ball") for k in range(evaluations(CONFIGS[name]))]
+POSITIONS = [(name, k) for name in ("ascent", "hmc", "random-ball", "shared-ascent") for k in range(evaluations(CONFIGS[name]))]
 
 
 class Boom(Exception):

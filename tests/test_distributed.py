@@ -54,9 +54,9 @@ def _loop_step(opt, model, x, y):
     return run.finish()
 
 
-def _train(model, x, y, backend, sampler, bn=False, loop=False):
+def _train(model, x, y, backend, sampler, bn=False, loop=False, extra=None):
     x, y = x.to(next(model.parameters()).device), y.to(next(model.parameters()).device)
-    opt = TSAM(model.parameters(), torch.optim.SGD, backend=backend, sampler=sampler, **KW)
+    opt = TSAM(model.parameters(), torch.optim.SGD, backend=backend, sampler=sampler, **{**KW, **(extra or {})})
     if bn:
         bn_update_once_per_step(model, opt)
 
@@ -70,7 +70,8 @@ def _train(model, x, y, backend, sampler, bn=False, loop=False):
             [b.detach().cpu().clone() for b in model.buffers()])
 
 
-def _worker(rank, world, port, backend, sampler, bucket_view, out, comm="gloo", device="cpu", bn=False, loop=False):
+def _worker(rank, world, port, backend, sampler, bucket_view, out, comm="gloo", device="cpu", bn=False, loop=False,
+            extra=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if device == "cuda":
@@ -84,16 +85,16 @@ def _worker(rank, world, port, backend, sampler, bucket_view, out, comm="gloo", 
         model = nn.parallel.DistributedDataParallel(_model(bn).to(device), device_ids=ids,
                                                     gradient_as_bucket_view=bucket_view)
         params, losses, buffers = _train(model, x[rank * half:(rank + 1) * half],
-                                         y[rank * half:(rank + 1) * half], backend, sampler, bn, loop)
+                                         y[rank * half:(rank + 1) * half], backend, sampler, bn, loop, extra)
         torch.save({"params": params, "losses": losses, "buffers": buffers}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device="cpu", tol=1e-5, bn=False,
-             loop=False):
+             loop=False, extra=None):
     run_ranks(_worker, world, world, free_port(), backend, sampler, bucket_view, str(tmp_path), comm, device, bn,
-              loop)
+              loop, extra)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for other in ranks[1:]:
         for a, b in zip(ranks[0]["params"], other["params"]):
@@ -103,16 +104,17 @@ def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device
         return ranks
     x, y = _data()
     torch.set_num_threads(1)
-    want, want_losses, _ = _train(_model().to(device), x, y, backend, sampler)
+    want, want_losses, _ = _train(_model().to(device), x, y, backend, sampler, extra=extra)
     assert_close(ranks[0]["losses"], want_losses, rtol=tol, atol=tol / 10, what="tilted losses")
     for a, b in zip(ranks[0]["params"], want):
         assert_close(a, b, rtol=tol, atol=tol / 10, what="DDP vs single process")
 
 
-@pytest.mark.parametrize("backend,sampler,bucket_view", [
-    ("auto", "ascent", False), ("auto", "ascent", True), ("reference", "hmc", False)])
-def test_ddp_matches_single_process(tmp_path, backend, sampler, bucket_view):
-    _run_ddp(tmp_path, 2, backend, sampler, bucket_view)
+@pytest.mark.parametrize("backend,sampler,bucket_view,extra", [
+    ("auto", "ascent", False, None), ("auto", "ascent", True, None), ("reference", "hmc", False, None),
+    ("auto", "ascent", False, dict(shared_ascent=True))])
+def test_ddp_matches_single_process(tmp_path, backend, sampler, bucket_view, extra):
+    _run_ddp(tmp_path, 2, backend, sampler, bucket_view, extra=extra)
 
 
 @pytest.mark.parametrize("bucket_view", [False, True])

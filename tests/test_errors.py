@@ -94,7 +94,8 @@ def _trained(cfg=CONFIGS["ascent"]):
     return model, x, opt
 
 
-@pytest.mark.parametrize("cfg,position", positions(CONFIGS["ascent"], CONFIGS["random"], CONFIGS["hmc"]))
+@pytest.mark.parametrize("cfg,position", positions(CONFIGS["ascent"], CONFIGS["random"], CONFIGS["hmc"],
+                                                   CONFIGS["ascent-shared-adaptive"]))
 @pytest.mark.parametrize("failure", ["raise", "nan-loss", "inf-loss"])
 def test_failing_closure_undoes_the_step(cfg, position, failure):
     model, x, opt = _trained(cfg)

@@ -71,6 +71,7 @@ CASES: Dict[str, Dict[str, Any]] = {
     "closure-free-loop": dict(sampler="hmc", run=dict(loop=True)),
     "hsdp-2x1": dict(run=dict(mesh=(2, 1))),
     "relative-radius": dict(radius_mode="relative", radius=0.02, start="sphere", sampler="random"),
+    "shared-ascent": dict(shared_ascent=True, radius_mode="relative", radius=0.02),
     "bf16-compute": dict(run=dict(bf16=True, rtol=3e-2)),
 }
 

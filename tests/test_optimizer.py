@@ -69,6 +69,10 @@ SAMPLER_CASES = [
     dict(sampler="ascent", start="gaussian", noise_scale=0.01, radius=10.0, tilt=3.0),
     dict(sampler="ascent", start="gaussian", radius=0.05, adaptive=True, rho=0.5),
     dict(sampler="ascent", start="gaussian", radius=0.05, max_grad_norm=0.1, tilt=20.0),
+    dict(sampler="ascent", start="gaussian", radius=0.05, tilt=5.0, shared_ascent=True),
+    dict(sampler="ascent", start="sphere", radius=0.05, tilt=2.0, shared_ascent=True, adaptive=True, rho=0.5,
+         max_grad_norm=0.1, num_samples=4),
+    dict(sampler="ascent", start="none", tilt=1.0, shared_ascent=True, num_samples=1),
     dict(sampler="random", start="gaussian", radius=0.1, tilt=10.0, num_samples=4),
     dict(sampler="random", start="sphere", radius=0.1, tilt=0.0),
     dict(sampler="hmc", start="gaussian", radius=0.05, hmc_steps=1, hmc_step_size=0.01),
@@ -303,8 +307,11 @@ def test_step_hooks_fire_once_per_step():
     assert calls == ["pre", "post"]
 
 
-def _spec_calls(sampler="ascent", num_samples=3, hmc_steps=1, **_):
-    """The spec's closure calls per step: 2s for ascent, s for random, s(1 + K) for hmc."""
+def _spec_calls(sampler="ascent", num_samples=3, hmc_steps=1, shared_ascent=False, **_):
+    """The spec's closure calls per step: 2s for ascent (s + 1 with a shared ascent), s for random,
+    s(1 + K) for hmc."""
+    if shared_ascent:
+        return num_samples + 1
     return num_samples * {"ascent": 2, "random": 1, "hmc": 1 + hmc_steps}[sampler]
 
 

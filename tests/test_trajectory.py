@@ -41,6 +41,7 @@ TRAJECTORY_CONFIGS: List[Config] = [
     CONFIGS["hmc-sphere"].but(tilt=2.0, radius=0.03),
     CONFIGS["hmc"].but(num_samples=3, hmc_steps=1, tilt=5.0, radius=0.1, noise_scale=0.01),
     CONFIGS["two-groups"].but(num_samples=3, tilt=1.0, radius=0.05, noise_scale=0.01),
+    CONFIGS["ascent-shared-adaptive"].but(num_samples=3, tilt=2.0, radius=0.05, noise_scale=0.01),
 ]
 BY_ID = {c.id: c for c in TRAJECTORY_CONFIGS}
 

@@ -34,7 +34,7 @@ __all__ = ["StepConfig", "Evaluation", "StepRun", "NonFiniteLossError", "SAMPLER
 SAMPLERS = ("ascent", "random", "hmc")
 STARTS = ("gaussian", "sphere", "ball", "none")
 RADIUS_MODES = ("absolute", "relative")
-ROLES = ("ascent", "leapfrog", "sample")
+ROLES = ("origin", "ascent", "leapfrog", "sample")
 # Added to norms before dividing, as in the widely used SAM implementations.
 _NORM_EPS = 1e-12
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
@@ -78,7 +78,9 @@ class Evaluation(NamedTuple):
 
     ``index``: 0-based position in the step; ``sample``: the perturbation j it belongs to; ``role``:
     ``"ascent"`` (its gradient gives the ascent direction of sample j), ``"leapfrog"`` (an HMC step of
-    sample j; ``substep`` is k of K) or ``"sample"`` (its loss and gradient enter the tilted average).
+    sample j; ``substep`` is k of K), ``"sample"`` (its loss and gradient enter the tilted average) or,
+    with ``shared_ascent``, ``"origin"`` (at theta0 itself, before any sample: its gradient, the plain
+    gradient g0, gives the ascent direction every sample shares; ``sample`` is 0).
     """
 
     index: int
@@ -103,6 +105,7 @@ class StepConfig:
     hmc_sigma: float = 1.0
     check_finite: bool = True
     radius_mode: str = "absolute"
+    shared_ascent: bool = False
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -120,10 +123,15 @@ class StepConfig:
         set_(self, "hmc_sigma", check_number("hmc_sigma", self.hmc_sigma))
         set_(self, "check_finite", bool(self.check_finite))
         set_(self, "radius_mode", check_choice("radius_mode", self.radius_mode, RADIUS_MODES))
+        set_(self, "shared_ascent", bool(self.shared_ascent))
+        if self.shared_ascent and self.sampler != "ascent":
+            raise ValueError(f"shared_ascent=True shares the ascent step of sampler='ascent' (got {self.sampler!r})")
         set_(self, "plan", self._plan())
 
     def _plan(self) -> Tuple[Evaluation, ...]:
         plan: List[Evaluation] = []
+        if self.shared_ascent:  # s + 1 evaluations (docs/design.md §9)
+            return (Evaluation(0, 0, "origin"),) + tuple(Evaluation(1 + j, j, "sample") for j in range(self.num_samples))
         for j in range(self.num_samples):
             if self.sampler == "ascent":
                 plan.append(Evaluation(len(plan), j, "ascent"))
@@ -634,7 +642,7 @@ class StepRun:
             with torch.no_grad():
                 for b in self.buckets:
                     b.pull()
-                seed, parts = self._noise(0)
+                seed, parts = self._noise(0) if not self.config.shared_ascent else (None, None)
                 sqnorm = None
                 if parts is not None and self.config.radius_mode == "relative":  # one collective for both
                     sqnorm, theta = self._reduce([parts, [s.backend.param_sqnorm(s.bucket) for s in self.slots]])[1]
@@ -650,22 +658,43 @@ class StepRun:
             raise
 
     def _after(self, ev: Evaluation, loss: torch.Tensor) -> None:
-        cfg = self.config
         if ev.role == "ascent":
-            # theta <- theta + rho * P g / ||T g|| (P = T^2, T = |theta0| if adaptive; else 1)
-            inv = self.guard.ascent_step(self._grad_sqnorm(cfg.adaptive))
-            by_rho: Dict[float, torch.Tensor] = {}
-            for group in self.opt.param_groups:
-                if group["rho"] not in by_rho:
-                    by_rho[group["rho"]] = inv * group["rho"]
-            kicks = [by_rho[group["rho"]] for group in self.opt.param_groups]
-            one = self._scalar(1.0)
-            for s in self.slots:
-                s.backend.ascend(s.bucket, self._per_group(kicks, s), self._on(one, s.bucket), cfg.adaptive)
+            self._ascend(self.guard.ascent_step(self._grad_sqnorm(self.config.adaptive)))
+        elif ev.role == "origin":
+            self._origin(loss)
         elif ev.role == "leapfrog":
             self._leapfrog(ev)
         else:
             self._sample(ev.sample, loss)
+
+    def _ascend(self, inv: torch.Tensor) -> None:
+        """theta <- theta + rho * P g / ||T g|| (P = T^2, T = |theta0| if adaptive; else 1); ``inv`` = 1/||T g||."""
+        by_rho: Dict[float, torch.Tensor] = {}
+        for group in self.opt.param_groups:
+            if group["rho"] not in by_rho:
+                by_rho[group["rho"]] = inv * group["rho"]
+        kicks = [by_rho[group["rho"]] for group in self.opt.param_groups]
+        one = self._scalar(1.0)
+        for s in self.slots:
+            s.backend.ascend(s.bucket, self._per_group(kicks, s), self._on(one, s.bucket), self.config.adaptive)
+
+    def _origin(self, loss: torch.Tensor) -> None:
+        """``shared_ascent``: g0 at theta0 gives every sample's ascent step, so the ascended point
+        theta0 + rho g0/||T g0|| is the centre ("anchor") of all the random starts: theta_j = anchor + c xi_j."""
+        seed, noise = self._noise(0)
+        relative = noise is not None and self.config.radius_mode == "relative"
+        norms = [self._grad_parts(self.config.adaptive)] + ([noise] if noise is not None else []) + (
+            [[s.backend.param_sqnorm(s.bucket) for s in self.slots]] if relative else [])
+        _, totals = self._reduce(norms)  # the ascent norm, the first start's and ||theta0||: one collective
+        if relative:
+            self.theta_norm = totals[2].sqrt()
+        opt = self.opt
+        opt.last_origin_loss, opt.last_grad_norm = loss, totals[0].sqrt()  # g0 comes for free: ERM's loss, gradient
+        self._ascend(self.guard.ascent_step(totals[0]))
+        coefs = self._coefs(0, totals[1] if noise is not None else None)
+        for s in self.slots:
+            s.bucket.anchor.copy_(s.bucket.param)
+            s.backend.perturb(s.bucket, seed, self._per_group(coefs, s), base=s.bucket.anchor)
 
     def _leapfrog(self, ev: Evaluation) -> None:
         """``hmc``: v ~ N(0, sigma^2 I) before the first kick; K kick-drift steps with the half kicks of
@@ -704,7 +733,7 @@ class StepRun:
             for s in self.slots:
                 a, b = ab[self.taus[s.group]]
                 s.backend.tilt_accumulate(s.bucket, self._on(a, s.bucket), self._on(b, s.bucket), first, seed,
-                                          self._per_group(coefs, s))
+                                          self._per_group(coefs, s), base=s.bucket.anchor)
             return
         inv_z = self.tilt.inverse_normalizers()
         for s in self.slots:

@@ -162,6 +162,7 @@ class Bucket:
         self.backup: Optional[torch.Tensor] = None
         self.acc: Optional[torch.Tensor] = None
         self.momentum: Optional[torch.Tensor] = None
+        self.anchor: Optional[torch.Tensor] = None
 
     @property
     def sharded(self) -> bool:
@@ -177,18 +178,22 @@ class Bucket:
         if self.shards:
             torch._foreach_copy_(self.shards, self.param_views)
 
-    def ensure_state(self, need_momentum: bool) -> None:
-        """Allocate theta0 (parameter dtype), A and, for HMC, v (fp32; float64 for a float64 bucket): the
-        only extra memory."""
+    def ensure_state(self, need_momentum: bool, need_anchor: bool = False) -> None:
+        """Allocate theta0 (parameter dtype), A and, for HMC, v (fp32; float64 for a float64 bucket), and for
+        ``shared_ascent`` the ascended point the starts are drawn around (parameter dtype): the only extra
+        memory."""
         wide = torch.float64 if self.dtype == torch.float64 else torch.float32
         if self.backup is None:
             self.backup = torch.empty_like(self.param)
             self.acc = torch.empty(self.numel, dtype=wide, device=self.device)
         if need_momentum and self.momentum is None:
             self.momentum = torch.empty(self.numel, dtype=wide, device=self.device)
+        if need_anchor and self.anchor is None:
+            self.anchor = torch.empty_like(self.param)
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.backup, self.acc, self.momentum) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.backup, self.acc, self.momentum, self.anchor)
+                   if t is not None)
 
 
 def _storage_strides(p: torch.Tensor) -> Tuple[int, ...]:

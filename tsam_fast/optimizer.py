@@ -55,6 +55,11 @@ class TSAM(torch.optim.Optimizer):
             (beyond the paper; a radius that follows the weights' scale, e.g. ``radius=0.01`` moves them
             by 1%; one extra reduction per step, packed with the first start's).
         adaptive: ASAM-style ascent, scaled element-wise by ``|theta|`` (``ascent`` only).
+        shared_ascent: (``ascent`` only; beyond the paper, docs/design.md §9) one gradient at theta0 itself
+            gives the normalised ascent step all samples share: ``theta_j = theta0 + rho g0/||g0|| + eps_j``,
+            s + 1 evaluations per step instead of 2s (the first, role ``"origin"``, unperturbed). Its loss
+            and gradient norm, plain ERM's, are kept as ``last_origin_loss`` / ``last_grad_norm``. Costs one
+            more parameter-sized buffer (the ascended point).
         max_grad_norm: clip each sample's gradient to this global norm before it is accumulated.
         delta: the weights use ``softmax((t - delta) * L)`` (the paper's correction when the sampler
             is already tilted by delta); the reported tilted loss uses t.
@@ -99,7 +104,8 @@ class TSAM(torch.optim.Optimizer):
     def __init__(self, params, base_optimizer, *, tilt: Union[float, Callable[[int], float]] = 1.0,
                  num_samples: int = 3, sampler: str = "ascent", start: str = "gaussian",
                  radius: float = 1.0, noise_scale: float = 1.0, rho: float = 0.05,
-                 adaptive: bool = False, max_grad_norm: Optional[float] = None, delta: float = 0.0,
+                 adaptive: bool = False, shared_ascent: bool = False, max_grad_norm: Optional[float] = None,
+                 delta: float = 0.0,
                  hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
                  radius_mode: str = "absolute", seed: int = 0, backend: str = "auto", check_finite: bool = True,
                  grad_scaler: Optional["torch.amp.GradScaler"] = None,
@@ -111,7 +117,7 @@ class TSAM(torch.optim.Optimizer):
         self.config = StepConfig(num_samples=num_samples, sampler=sampler, start=start, noise_scale=noise_scale,
                                  adaptive=adaptive, max_grad_norm=max_grad_norm, delta=delta, hmc_steps=hmc_steps,
                                  hmc_step_size=hmc_step_size, hmc_sigma=hmc_sigma, check_finite=check_finite,
-                                 radius_mode=radius_mode)
+                                 radius_mode=radius_mode, shared_ascent=shared_ascent)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"invalid seed={seed!r}: expected an integer")
         self.seed = int(seed)
@@ -135,6 +141,8 @@ class TSAM(torch.optim.Optimizer):
         self.last_losses: Optional[torch.Tensor] = None
         self.last_weights: Optional[torch.Tensor] = None
         self.last_ess: Optional[torch.Tensor] = None
+        self.last_origin_loss: Optional[torch.Tensor] = None  # shared_ascent: L(theta0) and ||g0||
+        self.last_grad_norm: Optional[torch.Tensor] = None
         self.last_loss_range: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -279,8 +287,8 @@ class TSAM(torch.optim.Optimizer):
 
     @property
     def evaluations_per_step(self) -> int:
-        """Gradient evaluations (closure calls) one step makes: 2s for ``ascent``, s for ``random``,
-        s(1 + hmc_steps) for ``hmc``."""
+        """Gradient evaluations (closure calls) one step makes: 2s for ``ascent`` (s + 1 with
+        ``shared_ascent``), s for ``random``, s(1 + hmc_steps) for ``hmc``."""
         return self.config.evaluations_per_step
 
     def tilt_diagnostics(self) -> Dict[str, torch.Tensor]:
@@ -337,7 +345,7 @@ class TSAM(torch.optim.Optimizer):
             layout = self._layout = FlatLayout(self.param_groups, shards=self.shard_buffers)
         layout.verify()
         for bucket in layout.buckets:
-            bucket.ensure_state(self.config.sampler == "hmc")
+            bucket.ensure_state(self.config.sampler == "hmc", self.config.shared_ascent)
         return layout
 
     # -- the step -------------------------------------------------------------------------------

@@ -62,9 +62,12 @@ class Backend:
         """``sum((T g)**2)``, T = |theta0| when ``adaptive`` else 1."""
         return self.ops.sqnorm(bucket.grad, bucket.backup if adaptive else None)
 
-    def perturb(self, bucket, seed: Optional[int], coef: torch.Tensor, save_backup: bool = False) -> None:
-        """The random start ``theta <- theta0 + coef * xi`` (``theta0 <- theta`` first if ``save_backup``)."""
-        self.ops.perturb(bucket.param, bucket.backup, flat_runs(bucket.runs), seed, coef, save_backup)
+    def perturb(self, bucket, seed: Optional[int], coef: torch.Tensor, save_backup: bool = False,
+                base: Optional[torch.Tensor] = None) -> None:
+        """The random start ``theta <- theta0 + coef * xi`` (``theta0 <- theta`` first if ``save_backup``);
+        around ``base`` instead of theta0 when given (``shared_ascent``'s ascended point)."""
+        self.ops.perturb(bucket.param, bucket.backup if base is None else base, flat_runs(bucket.runs), seed, coef,
+                         save_backup)
         bucket.publish()
 
     def draw_momentum(self, bucket, seed: int, sigma: torch.Tensor) -> None:
@@ -81,10 +84,12 @@ class Backend:
         self.ops.leapfrog(bucket.param, bucket.grad, kick, drift, bucket.momentum, None)
         bucket.publish()
 
-    def tilt_accumulate(self, bucket, a, b, first: bool, seed: Optional[int], coef) -> None:
-        """``A <- a A + b g`` (``b g`` when ``first``) fused with the next start ``theta <- theta0 + coef xi``."""
-        self.ops.tilt_accumulate(bucket.acc, bucket.grad, a, b, first, bucket.param, bucket.backup,
-                                 flat_runs(bucket.runs), seed, coef)
+    def tilt_accumulate(self, bucket, a, b, first: bool, seed: Optional[int], coef,
+                        base: Optional[torch.Tensor] = None) -> None:
+        """``A <- a A + b g`` (``b g`` when ``first``) fused with the next start ``theta <- theta0 + coef xi``
+        (around ``base`` when given)."""
+        self.ops.tilt_accumulate(bucket.acc, bucket.grad, a, b, first, bucket.param,
+                                 bucket.backup if base is None else base, flat_runs(bucket.runs), seed, coef)
         bucket.publish()
 
     def finalize(self, bucket, a, b, inv_z, first: bool) -> None:
