@@ -60,9 +60,10 @@ def _train(model, x, y, backend, sampler, bn=False, loop=False, extra=None):
     if bn:
         bn_update_once_per_step(model, opt)
 
-    def closure():
+    def closure(backward=True):  # backward=False: a forward-only score (backward_samples)
         loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
+        if backward:
+            loss.backward()
         return loss
 
     losses = [_loop_step(opt, model, x, y) if loop else opt.step(closure) for _ in range(STEPS)]
@@ -112,7 +113,7 @@ def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device
 
 @pytest.mark.parametrize("backend,sampler,bucket_view,extra", [
     ("auto", "ascent", False, None), ("auto", "ascent", True, None), ("reference", "hmc", False, None),
-    ("auto", "ascent", False, dict(shared_ascent=True))])
+    ("auto", "ascent", False, dict(shared_ascent=True)), ("auto", "random", False, dict(backward_samples=2))])
 def test_ddp_matches_single_process(tmp_path, backend, sampler, bucket_view, extra):
     _run_ddp(tmp_path, 2, backend, sampler, bucket_view, extra=extra)
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tsam_fast import TSAM
 
@@ -72,6 +73,8 @@ CASES: Dict[str, Dict[str, Any]] = {
     "hsdp-2x1": dict(run=dict(mesh=(2, 1))),
     "relative-radius": dict(radius_mode="relative", radius=0.02, start="sphere", sampler="random"),
     "shared-ascent": dict(shared_ascent=True, radius_mode="relative", radius=0.02),
+    "tilt-sampled-backward": dict(shared_ascent=True, backward_samples=2),
+    "eval-forward-between-steps": dict(run=dict(eval_forward=True)),
     "bf16-compute": dict(run=dict(bf16=True, rtol=3e-2)),
 }
 
@@ -90,10 +93,22 @@ def _optimizer(model, name, **extra):
 
 def _train(model, opt, x, y, name, steps=STEPS):
     def loss_fn():
+        # FSDP2 must all-gather the moved shards: no module may still hold unsharded copies from an earlier
+        # forward without backward (the root keeps them until its backward)
+        assert not hasattr(model, "reshard") or isinstance(model.scale, DTensor), "stale unsharded root"
         return nn.functional.cross_entropy(model(x), y)
+
+    def closure(backward=True):  # backward=False: a forward-only score (backward_samples)
+        loss = loss_fn()
+        if backward:
+            loss.backward()
+        return loss
 
     losses = []
     for _ in range(steps):
+        if CASES[name].get("run", {}).get("eval_forward"):  # FSDP2 leaves the root unsharded after it
+            with torch.no_grad():
+                model(x)
         if CASES[name].get("run", {}).get("loop"):
             run = opt.begin_step()
             for _ev in run:
@@ -102,7 +117,7 @@ def _train(model, opt, x, y, name, steps=STEPS):
                 run.record(loss)
             losses.append(run.finish())
         else:
-            losses.append(opt.step(lambda: (loss := loss_fn()).backward() or loss))
+            losses.append(opt.step(closure))
     return torch.stack(losses)
 
 

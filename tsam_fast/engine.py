@@ -34,7 +34,8 @@ __all__ = ["StepConfig", "Evaluation", "StepRun", "NonFiniteLossError", "SAMPLER
 SAMPLERS = ("ascent", "random", "hmc")
 STARTS = ("gaussian", "sphere", "ball", "none")
 RADIUS_MODES = ("absolute", "relative")
-ROLES = ("origin", "ascent", "leapfrog", "sample")
+ROLES = ("origin", "ascent", "leapfrog", "score", "sample")
+SELECTS = ("sample", "top")
 # Added to norms before dividing, as in the widely used SAM implementations.
 _NORM_EPS = 1e-12
 _CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
@@ -80,8 +81,16 @@ class Evaluation(NamedTuple):
     ``"ascent"`` (its gradient gives the ascent direction of sample j), ``"leapfrog"`` (an HMC step of
     sample j; ``substep`` is k of K), ``"sample"`` (its loss and gradient enter the tilted average) or,
     with ``shared_ascent``, ``"origin"`` (at theta0 itself, before any sample: its gradient, the plain
-    gradient g0, gives the ascent direction every sample shares; ``sample`` is 0).
+    gradient g0, gives the ascent direction every sample shares; ``sample`` is 0). With
+    ``backward_samples``: ``"score"`` (a forward pass only -- no backward -- whose loss scores sample j),
+    then ``"sample"`` evaluations at the samples drawn from the tilt weights (``sample`` is the drawn j;
+    -1 in ``StepConfig.plan``, where it is not known yet).
     """
+
+    @property
+    def backward(self) -> bool:
+        """Whether this evaluation needs a backward (False for a ``"score"``: forward only, under no_grad)."""
+        return self.role != "score"
 
     index: int
     sample: int
@@ -106,6 +115,8 @@ class StepConfig:
     check_finite: bool = True
     radius_mode: str = "absolute"
     shared_ascent: bool = False
+    backward_samples: Optional[int] = None
+    backward_select: str = "sample"
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -126,12 +137,28 @@ class StepConfig:
         set_(self, "shared_ascent", bool(self.shared_ascent))
         if self.shared_ascent and self.sampler != "ascent":
             raise ValueError(f"shared_ascent=True shares the ascent step of sampler='ascent' (got {self.sampler!r})")
+        if self.backward_samples is not None:
+            set_(self, "backward_samples", check_int("backward_samples", self.backward_samples, 1))
+            if not (self.sampler == "random" or self.shared_ascent):
+                raise ValueError(
+                    "backward_samples scores the samples with forward passes only, but sampler="
+                    f"{self.sampler!r} needs a gradient at every sample's start; use sampler='random', or "
+                    "sampler='ascent' with shared_ascent=True")
+        set_(self, "backward_select", check_choice("backward_select", self.backward_select, SELECTS))
+        if self.backward_select == "top" and (self.backward_samples or 0) > self.num_samples:
+            raise ValueError(f"backward_select='top' backpropagates the {self.backward_samples} highest-weight of "
+                             f"{self.num_samples} samples: backward_samples must be <= num_samples")
         set_(self, "plan", self._plan())
 
     def _plan(self) -> Tuple[Evaluation, ...]:
-        plan: List[Evaluation] = []
+        plan: List[Evaluation] = [Evaluation(0, 0, "origin")] if self.shared_ascent else []
+        if self.backward_samples is not None:  # s forwards, K backwards (docs/design.md §9)
+            plan.extend(Evaluation(len(plan) + j, j, "score") for j in range(self.num_samples))
+            plan.extend(Evaluation(len(plan) + k, -1, "sample") for k in range(self.backward_samples))
+            return tuple(plan)
         if self.shared_ascent:  # s + 1 evaluations (docs/design.md §9)
-            return (Evaluation(0, 0, "origin"),) + tuple(Evaluation(1 + j, j, "sample") for j in range(self.num_samples))
+            plan.extend(Evaluation(1 + j, j, "sample") for j in range(self.num_samples))
+            return tuple(plan)
         for j in range(self.num_samples):
             if self.sampler == "ascent":
                 plan.append(Evaluation(len(plan), j, "ascent"))
@@ -144,6 +171,11 @@ class StepConfig:
     @property
     def evaluations_per_step(self) -> int:
         return len(self.plan)
+
+    @property
+    def backward_passes(self) -> int:
+        """Evaluations that run a backward (the others are forward-only scores)."""
+        return sum(ev.backward for ev in self.plan)
 
 
 # -- the tilt -------------------------------------------------------------------------------------
@@ -365,6 +397,8 @@ class StepRun:
         self.theta_norm: Optional[torch.Tensor] = None  # ||theta0|| for radius_mode="relative"
         # constant step scalars (1, 0, HMC sizes), kept by the optimizer across steps: never written to
         self._scalars: Dict[float, torch.Tensor] = opt._constants.setdefault((self.device, self.dtype), {})
+        self.plan = list(config.plan)  # this step's; a tilt-sampled backward fills in the drawn samples
+        self._starts: Dict[int, Tuple[Optional[int], List[torch.Tensor]]] = {}  # j -> (seed, coefs) of its start
         self._position = 0          # index of the next evaluation
         self._awaiting = False      # an evaluation was handed out and its loss not recorded yet
         self._iterating = False
@@ -378,13 +412,13 @@ class StepRun:
 
     @property
     def evaluations(self) -> Tuple[Evaluation, ...]:
-        """The step's evaluations, in order."""
-        return self.config.plan
+        """The step's evaluations, in order (drawn samples of a tilt-sampled backward: -1 until drawn)."""
+        return tuple(self.plan)
 
     @property
     def evaluation(self) -> Optional[Evaluation]:
         """The evaluation in progress (handed out, loss not recorded yet), else None."""
-        return self.config.plan[self._position] if self._awaiting else None
+        return self.plan[self._position] if self._awaiting else None
 
     def __iter__(self) -> Iterator[Evaluation]:
         if self._iterating or self._position:
@@ -395,11 +429,12 @@ class StepRun:
         return self._evaluations()
 
     def _evaluations(self) -> Iterator[Evaluation]:
-        plan = self.config.plan
+        plan = self.plan
         try:
             while self._position < len(plan):
                 self._require("running", "hand out the next evaluation")
-                self.layout.begin_call()
+                if plan[self._position].backward:  # a score has no backward: nothing to zero
+                    self.layout.begin_call()
                 self._awaiting = True
                 yield plan[self._position]
                 if self._awaiting:
@@ -419,7 +454,8 @@ class StepRun:
             if self.state != "running" or not self._awaiting:
                 raise RuntimeError(self._record_misuse())
             loss = self._checked_loss(loss)
-            if not self.layout.end_call():
+            ev = self.plan[self._position]
+            if ev.backward and not self.layout.end_call():
                 where = ("during the closure: it must call loss.backward() (TSAM zeroes gradients before each call "
                          "itself)") if self.by_closure else (
                     "in this evaluation: call loss.backward() (or your trainer's backward) before record(loss)")
@@ -435,7 +471,6 @@ class StepRun:
                                     non_blocking=self.device.type != "cpu")
             self.guard.loss(loss)
             self._awaiting = False
-            ev = self.config.plan[self._position]
             self._position += 1
             with torch.no_grad():
                 self._after(ev, loss)
@@ -453,7 +488,7 @@ class StepRun:
             if done:
                 raise RuntimeError(f"this TSAM step was already {self.state}; begin a new one with opt.begin_step()")
             raise RuntimeError(
-                f"finish() was called after {position} of the step's {len(self.config.plan)} evaluations; record "
+                f"finish() was called after {position} of the step's {len(self.plan)} evaluations; record "
                 "every evaluation's loss first (the step was abandoned: parameters restored, state unchanged)")
         opt = self.opt
         self.layout.end_step()
@@ -640,6 +675,7 @@ class StepRun:
         self.layout.begin_step()
         try:
             with torch.no_grad():
+                self.layout.reshard()  # FSDP2: no module computes with stale unsharded copies
                 for b in self.buckets:
                     b.pull()
                 seed, parts = self._noise(0) if not self.config.shared_ascent else (None, None)
@@ -650,6 +686,7 @@ class StepRun:
                 elif parts is not None:
                     sqnorm = self._reduce([parts])[1][0]
                 coefs = self._coefs(0, sqnorm)
+                self._starts[0] = (seed, coefs)
                 for s in self.slots:
                     s.backend.perturb(s.bucket, seed, self._per_group(coefs, s), save_backup=True)
             self._backed_up = True
@@ -664,6 +701,10 @@ class StepRun:
             self._origin(loss)
         elif ev.role == "leapfrog":
             self._leapfrog(ev)
+        elif ev.role == "score":
+            self._score(ev.sample, loss)
+        elif self.config.backward_samples is not None:
+            self._backprop(ev.index - (len(self.plan) - self.config.backward_samples))
         else:
             self._sample(ev.sample, loss)
 
@@ -691,10 +732,77 @@ class StepRun:
         opt = self.opt
         opt.last_origin_loss, opt.last_grad_norm = loss, totals[0].sqrt()  # g0 comes for free: ERM's loss, gradient
         self._ascend(self.guard.ascent_step(totals[0]))
-        coefs = self._coefs(0, totals[1] if noise is not None else None)
         for s in self.slots:
             s.bucket.anchor.copy_(s.bucket.param)
+        self._move_to(0, seed, self._coefs(0, totals[1] if noise is not None else None))
+
+    def _move_to(self, j: int, seed: Optional[int], coefs: List[torch.Tensor]) -> None:
+        """theta <- sample j's start (around theta0, or the anchor with ``shared_ascent``); remembered, so a
+        tilt-sampled backward can come back to it."""
+        self._starts[j] = (seed, coefs)
+        for s in self.slots:
             s.backend.perturb(s.bucket, seed, self._per_group(coefs, s), base=s.bucket.anchor)
+
+    # -- the tilt-sampled backward (``backward_samples``, docs/design.md §9) ----------------------------
+
+    def _score(self, j: int, loss: torch.Tensor) -> None:
+        """A forward-only evaluation scored sample j: average its loss over the ranks (with the next start's
+        norm, one collective) and move to the next start; after the last, draw the samples to backpropagate."""
+        last = j + 1 == self.config.num_samples
+        self.layout.reshard()  # FSDP2's root stays unsharded after a forward without backward
+        seed, noise = (None, None) if last else self._noise(j + 1)
+        loss, totals = self._reduce([noise] if noise is not None else [], loss)
+        self.losses.append(loss)
+        if not last:
+            self._move_to(j + 1, seed, self._coefs(j + 1, totals[0] if noise is not None else None))
+            return
+        self._draw()
+
+    def _draw(self) -> None:
+        """K samples to backpropagate: drawn from w = softmax(tau L) with replacement (``sample``: each then
+        weighs 1/K, so the expected gradient is the tilted one), or the K of largest weight (``top``:
+        weighted w_i / their sum; biased towards the worst samples, like a larger tilt). One host read: the
+        weights (the drawn indices pick the seeds of the starts to regenerate)."""
+        cfg = self.config
+        if len(set(self.taus)) > 1:
+            raise ValueError("backward_samples draws one set of samples for all parameters, so every param group "
+                             f"must use the same tilt (got {sorted(set(self.taus))} after delta)")
+        w = torch.softmax(shifted(torch.stack(self.losses), self.taus[0]), dim=0)
+        host = w.double().tolist()
+        k_draws = cfg.backward_samples
+        if cfg.backward_select == "top":
+            drawn = sorted(range(len(host)), key=lambda i: -host[i])[:k_draws]
+            top = w[drawn]
+            weights = list(top / top.sum())
+        else:
+            drawn = [_inverse_cdf(host, rng.host_uniform(rng.stream_seed(self.opt.seed, self.k, d, rng.STREAM_SELECT)))
+                     for d in range(k_draws)]
+            weights = [self._scalar(1.0 / k_draws)] * k_draws
+        first = len(self.plan) - k_draws
+        for d, j in enumerate(drawn):
+            self.plan[first + d] = Evaluation(first + d, j, "sample")
+        self.drawn, self._draw_weights = drawn, weights
+        self._move_to(drawn[0], *self._starts[drawn[0]])
+
+    def _backprop(self, d: int) -> None:
+        """The d-th drawn sample's gradient, weighted, into A; then the next drawn start, or the end."""
+        cfg = self.config
+        clip = None
+        if cfg.max_grad_norm is not None:
+            norm = self.guard.clip_norm(self._grad_sqnorm())
+            clip = torch.clamp_max(cfg.max_grad_norm / (norm + _CLIP_EPS), 1.0)
+        b = self._draw_weights[d] if clip is None else self._draw_weights[d] * clip
+        one, first = self._scalar(1.0), d == 0
+        if d + 1 < cfg.backward_samples:
+            seed, coefs = self._starts[self.drawn[d + 1]]
+            for s in self.slots:
+                s.backend.tilt_accumulate(s.bucket, self._on(one, s.bucket), self._on(b, s.bucket), first, seed,
+                                          self._per_group(coefs, s), base=s.bucket.anchor)
+            return
+        for s in self.slots:
+            s.backend.finalize(s.bucket, self._on(one, s.bucket), self._on(b, s.bucket), self._on(one, s.bucket), first)
+        self.guard.after_samples(clipped=clip is not None)
+        self.state = "evaluated"
 
     def _leapfrog(self, ev: Evaluation) -> None:
         """``hmc``: v ~ N(0, sigma^2 I) before the first kick; K kick-drift steps with the half kicks of
@@ -743,6 +851,16 @@ class StepRun:
                                self._on(inv_z[tau], s.bucket), first)
         self.guard.after_samples(clipped=cfg.max_grad_norm is not None)
         self.state = "evaluated"
+
+
+def _inverse_cdf(weights: List[float], u: float) -> int:
+    """The index i with cumsum(w)[i-1] <= u < cumsum(w)[i] (the last index if rounding leaves u beyond)."""
+    total = 0.0
+    for i, w in enumerate(weights):
+        total += w
+        if u < total:
+            return i
+    return len(weights) - 1
 
 
 def _same_ranks(a, b) -> bool:

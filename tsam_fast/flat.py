@@ -132,6 +132,28 @@ def check_parameter(p: torch.Tensor, gi: int, pi: int) -> Optional[Sharding]:
     return sharding_of(p, f"parameter {pi} of group {gi}") if p.requires_grad else None
 
 
+def _fsdp_modules_of(params) -> list:
+    """The FSDP2 modules (``FSDPModule``) managing any of ``params``, found through FSDP2's registry of
+    module states (``torch.distributed._composable_state``: the modules cannot be reached from a sharded
+    parameter). Raises if torch's internals differ from what this expects, rather than train on stale
+    unsharded copies."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp import FSDPModule
+        ids = {id(p) for p in params}
+        found = []
+        for module in list(_module_state_mapping.keys()):
+            if isinstance(module, FSDPModule):
+                groups = module._get_fsdp_state()._fsdp_param_groups
+                if any(id(fp.sharded_param) in ids for g in groups for fp in g.fsdp_params):
+                    found.append(module)
+        return found
+    except (ImportError, AttributeError) as exc:  # pragma: no cover - another torch layout
+        raise NotImplementedError(
+            f"TSAM could not find the FSDP2 modules of its sharded parameters in this torch "
+            f"({torch.__version__}: {exc}); it needs them to reshard the root module before a step") from exc
+
+
 class Bucket:
     """One (param group, device, dtype) bucket: flat buffers and the parameters viewing them.
 
@@ -258,12 +280,21 @@ class FlatLayout:
         index_of = {id(p): i for i, p in enumerate(self.params)}
         for bucket in self.buckets:
             self._pack(bucket, pending[id(bucket)], index_of)
+        self.fsdp_modules = _fsdp_modules_of(self.params) if self.shard_group is not None else []
         self.touched = [False] * len(self.params)
         self.used = [False] * len(self.params)
         for i, p in enumerate(self.params):
             hook = _GradHook(self, i)
             sharded = i in self._sharded_indices
             self._hook_handles.append(p.register_post_accumulate_grad_hook(hook) if sharded else p.register_hook(hook))
+
+    def reshard(self) -> None:
+        """Make every FSDP2 module of these parameters hold its sharded parameters, so the next forward
+        all-gathers the shards TSAM moved. FSDP2 keeps the root module's parameters unsharded after a forward
+        until its backward: after a forward-only pass (an evaluation, a tilt-sampled score) the module would
+        otherwise go on computing with unsharded copies that miss the perturbation."""
+        for module in self.fsdp_modules:
+            module.reshard()
 
     def _check_mesh(self, sharding: Sharding, name: str) -> None:
         if self.mesh is None:

@@ -8,6 +8,7 @@ engine decides what happens in a step (docs/design.md §1-3, §8); the backend's
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Callable, Dict, Optional, Tuple, Union
@@ -60,6 +61,16 @@ class TSAM(torch.optim.Optimizer):
             s + 1 evaluations per step instead of 2s (the first, role ``"origin"``, unperturbed). Its loss
             and gradient norm, plain ERM's, are kept as ``last_origin_loss`` / ``last_grad_norm``. Costs one
             more parameter-sized buffer (the ascended point).
+        backward_samples: K (beyond the paper, docs/design.md §9; ``random`` sampler, or ``ascent`` with
+            ``shared_ascent``): score the s samples with forward passes only (role ``"score"``, run under
+            ``torch.no_grad()``), then backpropagate K of them drawn from softmax(t L) with replacement, each
+            weighted 1/K: the expected gradient is the tilted gradient. About s forwards + K (+1 with
+            ``shared_ascent``) forward/backward passes per step, and one host read (the weights). The
+            closure must take a ``backward`` argument: ``def closure(backward=True): loss = ...; if
+            backward: loss.backward(); return loss``; in the closure-free loop, ``ev.backward`` says it.
+        backward_select: ``"sample"`` (default: the unbiased draw above) or ``"top"`` (the K samples of
+            largest weight, weighted by their renormalised weights: deterministic, biased towards the worst
+            samples as a larger tilt would be; with K = s it is the exact tilted gradient).
         max_grad_norm: clip each sample's gradient to this global norm before it is accumulated.
         delta: the weights use ``softmax((t - delta) * L)`` (the paper's correction when the sampler
             is already tilted by delta); the reported tilted loss uses t.
@@ -104,7 +115,8 @@ class TSAM(torch.optim.Optimizer):
     def __init__(self, params, base_optimizer, *, tilt: Union[float, Callable[[int], float]] = 1.0,
                  num_samples: int = 3, sampler: str = "ascent", start: str = "gaussian",
                  radius: float = 1.0, noise_scale: float = 1.0, rho: float = 0.05,
-                 adaptive: bool = False, shared_ascent: bool = False, max_grad_norm: Optional[float] = None,
+                 adaptive: bool = False, shared_ascent: bool = False, backward_samples: Optional[int] = None,
+                 backward_select: str = "sample", max_grad_norm: Optional[float] = None,
                  delta: float = 0.0,
                  hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
                  radius_mode: str = "absolute", seed: int = 0, backend: str = "auto", check_finite: bool = True,
@@ -117,7 +129,8 @@ class TSAM(torch.optim.Optimizer):
         self.config = StepConfig(num_samples=num_samples, sampler=sampler, start=start, noise_scale=noise_scale,
                                  adaptive=adaptive, max_grad_norm=max_grad_norm, delta=delta, hmc_steps=hmc_steps,
                                  hmc_step_size=hmc_step_size, hmc_sigma=hmc_sigma, check_finite=check_finite,
-                                 radius_mode=radius_mode, shared_ascent=shared_ascent)
+                                 radius_mode=radius_mode, shared_ascent=shared_ascent,
+                                 backward_samples=backward_samples, backward_select=backward_select)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"invalid seed={seed!r}: expected an integer")
         self.seed = int(seed)
@@ -174,6 +187,7 @@ class TSAM(torch.optim.Optimizer):
                     f"parameter {pi} of group {gi} is sharded (FSDP2), but process_group=None: a sharded "
                     "model's sample losses must be averaged over its ranks. Use process_group='auto' (default) "
                     "or the group FSDP2 trains over")
+
         if p.requires_grad:
             try:
                 self._backend_for(p.device, p.dtype)
@@ -284,6 +298,11 @@ class TSAM(torch.optim.Optimizer):
         run = live_run(self)
         ev = run.evaluation if run is not None else None
         return ev.index if ev is not None else None
+
+    @property
+    def backward_passes_per_step(self) -> int:
+        """Evaluations per step that run a backward (the rest, with ``backward_samples``, are forward only)."""
+        return self.config.backward_passes
 
     @property
     def evaluations_per_step(self) -> int:
@@ -410,14 +429,32 @@ class TSAM(torch.optim.Optimizer):
             raise ValueError("TSAM.step needs a closure that evaluates the loss and calls backward(): "
                              "opt.step(lambda: (loss := criterion(model(x), y)).backward() or loss); "
                              "or drive the step yourself with opt.begin_step()")
+        scores = self.config.backward_samples is not None
+        if scores and not _takes_backward(closure):
+            raise TypeError("backward_samples scores samples with forward passes only: the closure must take a "
+                            "`backward` argument and skip loss.backward() when it is False, e.g. "
+                            "def closure(backward=True): loss = criterion(model(x), y); backward and "
+                            "loss.backward(); return loss")
         run = self.begin_step()
         run.by_closure = True
         try:
-            for _ in run:
-                with torch.enable_grad():
-                    loss = closure()
+            for ev in run:
+                if not ev.backward:
+                    loss = closure(backward=False)  # under this method's no_grad: a forward only
+                else:
+                    with torch.enable_grad():
+                        loss = closure(backward=True) if scores else closure()
                 run.record(loss)
             return run.finish()
         except BaseException:
             run.abandon()
             raise
+
+
+def _takes_backward(closure) -> bool:
+    """Whether ``closure`` accepts a ``backward`` keyword (or any keyword)."""
+    try:
+        params = inspect.signature(closure).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: assume it does
+        return True
+    return any(p.name == "backward" or p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
