@@ -113,7 +113,8 @@ def _run_ddp(tmp_path, world, backend, sampler, bucket_view, comm="gloo", device
 
 @pytest.mark.parametrize("backend,sampler,bucket_view,extra", [
     ("auto", "ascent", False, None), ("auto", "ascent", True, None), ("reference", "hmc", False, None),
-    ("auto", "ascent", False, dict(shared_ascent=True)), ("auto", "random", False, dict(backward_samples=2))])
+    ("auto", "ascent", False, dict(shared_ascent=True)), ("auto", "random", False, dict(backward_samples=2)),
+    ("auto", "ascent", False, dict(tilt_every=3))])
 def test_ddp_matches_single_process(tmp_path, backend, sampler, bucket_view, extra):
     _run_ddp(tmp_path, 2, backend, sampler, bucket_view, extra=extra)
 

@@ -197,3 +197,102 @@ def test_bad_combinations_and_closures():
     with pytest.raises(ValueError, match=r"every param group must use the same tilt"):
         opt.step(_closure(model, x, y))
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta0))
+
+
+# -- the periodic tilt (tilt_every) ------------------------------------------------------------------
+
+
+def _plain_closure(model, x, y, calls=None):
+    def closure():
+        if calls is not None:
+            calls.append(1)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def _flat(tensors):
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(shared_ascent=True), dict(sampler="random", backward_samples=2)])
+def test_periodic_tilt_steps_with_the_cached_orthogonal_correction(kw):
+    """tilt_every=3, recomputed by hand: the full step is the ordinary one (its extra evaluation at theta0
+    moves nothing); the two steps after it use g + (||g|| / ||g0||) v with v = G - (G.g0/||g0||^2) g0 from
+    the full step's tilted gradient G and plain gradient g0."""
+    model, (x, y) = _model(), _data()
+    twin = _model()
+    opts = dict(BASE, momentum=0.0, **kw)
+    opt = TSAM(model.parameters(), torch.optim.SGD, tilt_every=3, **opts)
+    ref = TSAM(twin.parameters(), torch.optim.SGD, **opts)
+    closure = _closure(model, x, y) if "backward_samples" in kw else _plain_closure(model, x, y)
+    twin_closure = _closure(twin, x, y) if "backward_samples" in kw else _plain_closure(twin, x, y)
+    probe = _model()
+
+    def grad_at(params):
+        with torch.no_grad():
+            for q, v in zip(probe.parameters(), params):
+                q.copy_(v)
+        probe.zero_grad()
+        nn.functional.mse_loss(probe(x), y).backward()
+        return _flat(q.grad for q in probe.parameters())
+
+    theta0 = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    ref.step(twin_closure)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b), "the full step must be the ordinary step"
+    big_g, g0 = _flat(p.grad for p in model.parameters()), grad_at(theta0)
+    v = big_g - (big_g @ g0) / (g0 @ g0) * g0
+    for _ in range(2):
+        calls = []
+        theta = _flat(model.parameters())
+        g = grad_at([p.detach().clone() for p in model.parameters()])
+        assert opt.evaluations_per_step == 1
+        opt.step(_plain_closure(model, x, y, calls) if "backward_samples" not in kw else
+                 (lambda backward=True, c=calls: c.append(1) or _closure(model, x, y)(backward)))
+        assert len(calls) == 1
+        want = theta - BASE["lr"] * (g + g.norm() / g0.norm() * v)
+        assert_close(_flat(model.parameters()), want, rtol=1e-5, atol=1e-6, what="between step")
+    assert opt.evaluations_per_step > 1  # step 3: full again
+
+
+def test_periodic_tilt_every_1_is_the_full_algorithm():
+    a, _ = _train(tilt_every=1)
+    b, _ = _train()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_periodic_tilt_failures_restore_and_force_a_full_step():
+    """A failure in a step between full ones restores theta0; a failure in a full step drops the cached
+    correction, so the next step is full again (its cache was half rewritten)."""
+    model, (x, y) = _model(), _data()
+    opt = TSAM(model.parameters(), torch.optim.SGD, **BASE, tilt_every=3)
+    opt.step(_plain_closure(model, x, y))
+    assert opt.evaluations_per_step == 1
+    theta0 = [p.detach().clone() for p in model.parameters()]
+
+    def broken():
+        raise KeyError("data loader broke")
+
+    with pytest.raises(KeyError):
+        opt.step(broken)
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), theta0))
+    assert opt.evaluations_per_step == 1 and opt.step_count == 1
+    opt.step(_plain_closure(model, x, y))
+    opt.step(_plain_closure(model, x, y))
+    assert opt.evaluations_per_step > 1  # step 3 is full
+    calls = []
+
+    def fails_late():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyError("data loader broke")
+        return _plain_closure(model, x, y)()
+
+    with pytest.raises(KeyError):
+        opt.step(fails_late)
+    assert opt.evaluations_per_step > 1, "a failed full step must not leave a half-written correction in use"
+    opt.step(_plain_closure(model, x, y))
+    assert opt.evaluations_per_step == 1

@@ -74,6 +74,7 @@ CASES: Dict[str, Dict[str, Any]] = {
     "relative-radius": dict(radius_mode="relative", radius=0.02, start="sphere", sampler="random"),
     "shared-ascent": dict(shared_ascent=True, radius_mode="relative", radius=0.02),
     "tilt-sampled-backward": dict(shared_ascent=True, backward_samples=2),
+    "periodic-tilt": dict(tilt_every=2, sampler="random"),
     "eval-forward-between-steps": dict(run=dict(eval_forward=True)),
     "bf16-compute": dict(run=dict(bf16=True, rtol=3e-2)),
 }

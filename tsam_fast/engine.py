@@ -117,6 +117,7 @@ class StepConfig:
     shared_ascent: bool = False
     backward_samples: Optional[int] = None
     backward_select: str = "sample"
+    tilt_every: int = 1
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -145,13 +146,23 @@ class StepConfig:
                     f"{self.sampler!r} needs a gradient at every sample's start; use sampler='random', or "
                     "sampler='ascent' with shared_ascent=True")
         set_(self, "backward_select", check_choice("backward_select", self.backward_select, SELECTS))
+        set_(self, "tilt_every", check_int("tilt_every", self.tilt_every, 1))
         if self.backward_select == "top" and (self.backward_samples or 0) > self.num_samples:
             raise ValueError(f"backward_select='top' backpropagates the {self.backward_samples} highest-weight of "
                              f"{self.num_samples} samples: backward_samples must be <= num_samples")
         set_(self, "plan", self._plan())
 
+    def plan_at(self, step: int, cached: bool = True) -> Tuple[Evaluation, ...]:
+        """The plan of step ``step``: with ``tilt_every = k > 1``, one evaluation at theta0 (its gradient
+        corrected by the cached tilted correction) except every k-th step (and until a correction is
+        cached), which is the full plan."""
+        if self.tilt_every > 1 and cached and step % self.tilt_every:
+            return (Evaluation(0, 0, "origin"),)
+        return self.plan
+
     def _plan(self) -> Tuple[Evaluation, ...]:
-        plan: List[Evaluation] = [Evaluation(0, 0, "origin")] if self.shared_ascent else []
+        origin = self.shared_ascent or self.tilt_every > 1  # the periodic tilt needs g0 on its full steps
+        plan: List[Evaluation] = [Evaluation(0, 0, "origin")] if origin else []
         if self.backward_samples is not None:  # s forwards, K backwards (docs/design.md §9)
             plan.extend(Evaluation(len(plan) + j, j, "score") for j in range(self.num_samples))
             plan.extend(Evaluation(len(plan) + k, -1, "sample") for k in range(self.backward_samples))
@@ -395,9 +406,15 @@ class StepRun:
         self.tilt = TiltState(self.taus)
         self.losses: List[torch.Tensor] = []
         self.theta_norm: Optional[torch.Tensor] = None  # ||theta0|| for radius_mode="relative"
+        self._g0_sqnorm: Optional[torch.Tensor] = None  # tilt_every: ||g0||^2 of this full step
+        self._correction: Optional[torch.Tensor] = None  # ... and the cache's, once this step finishes
         # constant step scalars (1, 0, HMC sizes), kept by the optimizer across steps: never written to
         self._scalars: Dict[float, torch.Tensor] = opt._constants.setdefault((self.device, self.dtype), {})
-        self.plan = list(config.plan)  # this step's; a tilt-sampled backward fills in the drawn samples
+        # the periodic tilt: a step between full ones evaluates theta0 once and adds the cached correction
+        self.between = config.tilt_every > 1 and opt._correction is not None and self.k % config.tilt_every != 0
+        if config.tilt_every > 1 and not self.between:
+            opt._correction = None  # this full step rewrites the cache; valid again once it finishes
+        self.plan = list(config.plan_at(self.k, self.between))  # a tilt-sampled backward fills in its draws
         self._starts: Dict[int, Tuple[Optional[int], List[torch.Tensor]]] = {}  # j -> (seed, coefs) of its start
         self._position = 0          # index of the next evaluation
         self._awaiting = False      # an evaluation was handed out and its loss not recorded yet
@@ -514,6 +531,8 @@ class StepRun:
                 "through).")
         self.guard.base_step(opt.base_optimizer)
         opt._step_count += 1
+        if self._correction is not None:  # a full step of the periodic tilt: its correction is cached
+            opt._correction = self._correction
         opt._opt_called = True  # what torch's LR schedulers check for "optimizer.step() was called"
         self.state = "finished"
         self.result = tilted
@@ -678,7 +697,7 @@ class StepRun:
                 self.layout.reshard()  # FSDP2: no module computes with stale unsharded copies
                 for b in self.buckets:
                     b.pull()
-                seed, parts = self._noise(0) if not self.config.shared_ascent else (None, None)
+                seed, parts = self._noise(0) if self.plan[0].role != "origin" else (None, None)
                 sqnorm = None
                 if parts is not None and self.config.radius_mode == "relative":  # one collective for both
                     sqnorm, theta = self._reduce([parts, [s.backend.param_sqnorm(s.bucket) for s in self.slots]])[1]
@@ -720,21 +739,64 @@ class StepRun:
             s.backend.ascend(s.bucket, self._per_group(kicks, s), self._on(one, s.bucket), self.config.adaptive)
 
     def _origin(self, loss: torch.Tensor) -> None:
-        """``shared_ascent``: g0 at theta0 gives every sample's ascent step, so the ascended point
-        theta0 + rho g0/||T g0|| is the centre ("anchor") of all the random starts: theta_j = anchor + c xi_j."""
+        """The evaluation at theta0 itself. Its gradient g0 is plain ERM's (``last_origin_loss``,
+        ``last_grad_norm``). With ``shared_ascent`` it gives every sample's ascent step: the ascended point
+        theta0 + rho g0/||T g0|| is the centre ("anchor") of all the random starts, theta_j = anchor + c xi_j.
+        With ``tilt_every > 1`` it is kept, to cache the tilted gradient's part orthogonal to it. Between the
+        periodic tilt's full steps it is the step's only evaluation (:meth:`_corrected`)."""
+        if self.between:
+            self._corrected(loss)
+            return
+        cfg, opt = self.config, self.opt
         seed, noise = self._noise(0)
-        relative = noise is not None and self.config.radius_mode == "relative"
-        norms = [self._grad_parts(self.config.adaptive)] + ([noise] if noise is not None else []) + (
-            [[s.backend.param_sqnorm(s.bucket) for s in self.slots]] if relative else [])
-        _, totals = self._reduce(norms)  # the ascent norm, the first start's and ||theta0||: one collective
-        if relative:
-            self.theta_norm = totals[2].sqrt()
-        opt = self.opt
-        opt.last_origin_loss, opt.last_grad_norm = loss, totals[0].sqrt()  # g0 comes for free: ERM's loss, gradient
-        self._ascend(self.guard.ascent_step(totals[0]))
+        plain = self._grad_parts()
+        named = {"g0": plain}
+        if cfg.shared_ascent and cfg.adaptive:
+            named["ascent"] = self._grad_parts(True)
+        if noise is not None:
+            named["noise"] = noise
+            if cfg.radius_mode == "relative":
+                named["theta"] = [s.backend.param_sqnorm(s.bucket) for s in self.slots]
+        got = dict(zip(named, self._reduce(list(named.values()))[1]))  # one collective for them all
+        if "theta" in got:
+            self.theta_norm = got["theta"].sqrt()
+        opt.last_origin_loss, opt.last_grad_norm = loss, got["g0"].sqrt()  # g0 comes for free: ERM's
+        if cfg.tilt_every > 1:
+            self._g0_sqnorm = got["g0"]
+            for s in self.slots:
+                s.bucket.cache.copy_(s.bucket.grad)
+        if cfg.shared_ascent:
+            self._ascend(self.guard.ascent_step(got.get("ascent", got["g0"])))
+            for s in self.slots:
+                s.bucket.anchor.copy_(s.bucket.param)
+        self._move_to(0, seed, self._coefs(0, got.get("noise")))
+
+    # -- the periodic tilt (``tilt_every``, docs/design.md §9) --------------------------------------------
+
+    def _cache_correction(self) -> None:
+        """At the end of a full step: cache v = G - (G.g0 / ||g0||^2) g0, the tilted gradient's part
+        orthogonal to the plain gradient (in the buffer that held g0), and ||g0||^2."""
+        dots = [_dot(s.bucket.grad, s.bucket.cache) for s in self.slots]
+        alpha = self._reduce([dots])[1][0] / self._g0_sqnorm.clamp_min(1e-30)
         for s in self.slots:
-            s.bucket.anchor.copy_(s.bucket.param)
-        self._move_to(0, seed, self._coefs(0, totals[1] if noise is not None else None))
+            s.bucket.cache.mul_(-self._on(alpha, s.bucket)).add_(s.bucket.grad)
+        self._correction = self._g0_sqnorm
+
+    def _corrected(self, loss: torch.Tensor) -> None:
+        """A step between full ones: g <- g + (||g|| / ||g0||) v, with v and g0 of the last full step."""
+        loss, (sqnorm,) = self._reduce([self._grad_parts()], loss)
+        self.losses.append(loss)
+        scale = (sqnorm / self.opt._correction.clamp_min(1e-30)).sqrt()
+        for s in self.slots:
+            s.bucket.grad.addcmul_(s.bucket.cache, self._on(scale, s.bucket))
+        self.guard.after_samples(clipped=False)
+        self.state = "evaluated"
+
+    def _evaluated(self) -> None:
+        """The last evaluation's move is made: the step awaits ``finish``."""
+        if self.config.tilt_every > 1:
+            self._cache_correction()
+        self.state = "evaluated"
 
     def _move_to(self, j: int, seed: Optional[int], coefs: List[torch.Tensor]) -> None:
         """theta <- sample j's start (around theta0, or the anchor with ``shared_ascent``); remembered, so a
@@ -802,7 +864,7 @@ class StepRun:
         for s in self.slots:
             s.backend.finalize(s.bucket, self._on(one, s.bucket), self._on(b, s.bucket), self._on(one, s.bucket), first)
         self.guard.after_samples(clipped=clip is not None)
-        self.state = "evaluated"
+        self._evaluated()
 
     def _leapfrog(self, ev: Evaluation) -> None:
         """``hmc``: v ~ N(0, sigma^2 I) before the first kick; K kick-drift steps with the half kicks of
@@ -850,7 +912,14 @@ class StepRun:
             s.backend.finalize(s.bucket, self._on(a, s.bucket), self._on(b, s.bucket),
                                self._on(inv_z[tau], s.bucket), first)
         self.guard.after_samples(clipped=cfg.max_grad_norm is not None)
-        self.state = "evaluated"
+        self._evaluated()
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) with an fp32 (float64) accumulator."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.dot(a, b)
+    return torch.dot(a.float(), b.float())
 
 
 def _inverse_cdf(weights: List[float], u: float) -> int:

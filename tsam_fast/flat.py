@@ -185,6 +185,7 @@ class Bucket:
         self.acc: Optional[torch.Tensor] = None
         self.momentum: Optional[torch.Tensor] = None
         self.anchor: Optional[torch.Tensor] = None
+        self.cache: Optional[torch.Tensor] = None
 
     @property
     def sharded(self) -> bool:
@@ -200,7 +201,7 @@ class Bucket:
         if self.shards:
             torch._foreach_copy_(self.shards, self.param_views)
 
-    def ensure_state(self, need_momentum: bool, need_anchor: bool = False) -> None:
+    def ensure_state(self, need_momentum: bool, need_anchor: bool = False, need_cache: bool = False) -> None:
         """Allocate theta0 (parameter dtype), A and, for HMC, v (fp32; float64 for a float64 bucket), and for
         ``shared_ascent`` the ascended point the starts are drawn around (parameter dtype): the only extra
         memory."""
@@ -212,10 +213,12 @@ class Bucket:
             self.momentum = torch.empty(self.numel, dtype=wide, device=self.device)
         if need_anchor and self.anchor is None:
             self.anchor = torch.empty_like(self.param)
+        if need_cache and self.cache is None:  # tilt_every > 1: g0, then the cached correction
+            self.cache = torch.empty_like(self.param)
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.backup, self.acc, self.momentum, self.anchor)
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.backup, self.acc, self.momentum, self.anchor,
+                                                          self.cache) if t is not None)
 
 
 def _storage_strides(p: torch.Tensor) -> Tuple[int, ...]:

@@ -71,6 +71,12 @@ class TSAM(torch.optim.Optimizer):
         backward_select: ``"sample"`` (default: the unbiased draw above) or ``"top"`` (the K samples of
             largest weight, weighted by their renormalised weights: deterministic, biased towards the worst
             samples as a larger tilt would be; with K = s it is the exact tilted gradient).
+        tilt_every: k (beyond the paper, in the spirit of LookSAM): the full step every k-th step, with one
+            more evaluation at theta0 (role ``"origin"``, unless ``shared_ascent`` already has it) whose
+            gradient g0 splits the tilted gradient G: the part orthogonal to g0, v, is cached (one more
+            parameter-sized buffer). The k - 1 steps between evaluate theta0 once and step with
+            ``g + (||g|| / ||g0||) v``. k = 1 (default) is the full algorithm every step. The cache is not in
+            the state_dict: after a load (or a failed full step) the next step is a full one.
         max_grad_norm: clip each sample's gradient to this global norm before it is accumulated.
         delta: the weights use ``softmax((t - delta) * L)`` (the paper's correction when the sampler
             is already tilted by delta); the reported tilted loss uses t.
@@ -116,7 +122,7 @@ class TSAM(torch.optim.Optimizer):
                  num_samples: int = 3, sampler: str = "ascent", start: str = "gaussian",
                  radius: float = 1.0, noise_scale: float = 1.0, rho: float = 0.05,
                  adaptive: bool = False, shared_ascent: bool = False, backward_samples: Optional[int] = None,
-                 backward_select: str = "sample", max_grad_norm: Optional[float] = None,
+                 backward_select: str = "sample", tilt_every: int = 1, max_grad_norm: Optional[float] = None,
                  delta: float = 0.0,
                  hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
                  radius_mode: str = "absolute", seed: int = 0, backend: str = "auto", check_finite: bool = True,
@@ -130,7 +136,8 @@ class TSAM(torch.optim.Optimizer):
                                  adaptive=adaptive, max_grad_norm=max_grad_norm, delta=delta, hmc_steps=hmc_steps,
                                  hmc_step_size=hmc_step_size, hmc_sigma=hmc_sigma, check_finite=check_finite,
                                  radius_mode=radius_mode, shared_ascent=shared_ascent,
-                                 backward_samples=backward_samples, backward_select=backward_select)
+                                 backward_samples=backward_samples, backward_select=backward_select,
+                                 tilt_every=tilt_every)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"invalid seed={seed!r}: expected an integer")
         self.seed = int(seed)
@@ -150,6 +157,7 @@ class TSAM(torch.optim.Optimizer):
         self._backends: Dict[Tuple[torch.device, torch.dtype], object] = {}
         self._step_count = 0
         self._run = None  # weak reference to the step in progress (tsam_fast.engine.live_run)
+        self._correction = None  # tilt_every > 1: ||g0||^2 of the cached correction (tsam_fast.engine)
         self._constants: Dict = {}  # (device, dtype) -> constant step scalars (tsam_fast.engine.StepRun)
         self.last_losses: Optional[torch.Tensor] = None
         self.last_weights: Optional[torch.Tensor] = None
@@ -276,12 +284,14 @@ class TSAM(torch.optim.Optimizer):
         state["_backends"] = {}
         state["_run"] = None
         state["_constants"] = {}
+        state["_correction"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_run", None)
         self.__dict__.setdefault("_constants", {})
+        self.__dict__.setdefault("_correction", None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``; inside an evaluation of a step it zeroes the flat views and keeps them attached."""
@@ -302,13 +312,17 @@ class TSAM(torch.optim.Optimizer):
     @property
     def backward_passes_per_step(self) -> int:
         """Evaluations per step that run a backward (the rest, with ``backward_samples``, are forward only)."""
-        return self.config.backward_passes
+        return sum(ev.backward for ev in self._next_plan())
+
+    def _next_plan(self):
+        return self.config.plan_at(self._step_count, self._correction is not None)
 
     @property
     def evaluations_per_step(self) -> int:
         """Gradient evaluations (closure calls) one step makes: 2s for ``ascent`` (s + 1 with
-        ``shared_ascent``), s for ``random``, s(1 + hmc_steps) for ``hmc``."""
-        return self.config.evaluations_per_step
+        ``shared_ascent``), s for ``random``, s(1 + hmc_steps) for ``hmc``; with ``tilt_every``, the next
+        step's."""
+        return len(self._next_plan())
 
     def tilt_diagnostics(self) -> Dict[str, torch.Tensor]:
         """The last step's tilt, as device tensors (no host sync): ``ess`` (effective sample size of the
@@ -351,6 +365,7 @@ class TSAM(torch.optim.Optimizer):
         return backend
 
     def _invalidate_layout(self) -> None:
+        self._correction = None  # its cache lived in the layout's buckets
         if self._layout is not None:
             self._layout.remove_hooks()
             self._layout = None
@@ -364,7 +379,7 @@ class TSAM(torch.optim.Optimizer):
             layout = self._layout = FlatLayout(self.param_groups, shards=self.shard_buffers)
         layout.verify()
         for bucket in layout.buckets:
-            bucket.ensure_state(self.config.sampler == "hmc", self.config.shared_ascent)
+            bucket.ensure_state(self.config.sampler == "hmc", self.config.shared_ascent, self.config.tilt_every > 1)
         return layout
 
     # -- the step -------------------------------------------------------------------------------
