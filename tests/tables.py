@@ -19,8 +19,11 @@ A test takes a config and adds the scale it needs: ``CONFIGS["hmc"].build(model,
 from __future__ import annotations
 
 import copy
+import importlib
 import math
+import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -465,3 +468,18 @@ def run_ranks(fn: Callable, world: int, *args, timeout: float = 300.0) -> None:
                     p.kill()
             raise AssertionError(f"{world} ranks of {getattr(fn, '__name__', fn)} still running after {timeout:.0f}s: "
                                  "a rank is stuck (killed)")
+
+
+# -- the examples/ recipes ---------------------------------------------------------------------------
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def recipe(module: str, package: str):
+    """An examples/ recipe as a module; the test skips, naming the package, only if it cannot be imported
+    (the README's test command installs the `integrations` extra)."""
+    pytest.importorskip(package, reason=f"{package} is not installed (pip install -e '.[integrations]', or "
+                                        "bash scripts/setup.sh)")
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    return importlib.import_module(module)

@@ -7,7 +7,6 @@ each evaluation, bf16 -- is tested in tests/test_integrations.py.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -17,19 +16,11 @@ import sys
 import pytest
 import torch
 
-from tables import one_thread  # noqa: F401  (fixture)
+from tables import EXAMPLES, one_thread, recipe  # noqa: F401  (one_thread: fixture)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
+ROOT = os.path.dirname(EXAMPLES)
+
 RECIPES = {"lightning_tsam.py": "lightning", "hf_trainer_tsam.py": "transformers", "accelerate_tsam.py": "accelerate"}
-
-
-def _recipe(module: str, package: str):
-    pytest.importorskip(package, reason=f"{package} is not installed (pip install -e '.[integrations]', or "
-                                        "bash scripts/setup.sh)")
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
-    return importlib.import_module(module)
 
 
 def _printed_result(capsys) -> dict:
@@ -45,7 +36,7 @@ def test_import_pulls_in_no_trainer():
     assert proc.returncode == 0, f"import tsam_fast imported {proc.stdout.strip()} {proc.stderr[-2000:]}"
 
 
-def test_readme_links_every_recipe():
+def test_readme_links_everyrecipe():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     for name in RECIPES:
@@ -53,16 +44,16 @@ def test_readme_links_every_recipe():
         assert os.path.exists(os.path.join(EXAMPLES, name))
 
 
-def test_lightning_recipe(capsys, one_thread):
-    lt = _recipe("lightning_tsam", "lightning")
+def test_lightningrecipe(capsys, one_thread):
+    lt = recipe("lightning_tsam", "lightning")
     lt.main(["--epochs", "2"])
     result = _printed_result(capsys)
     assert result["global_step"] == result["tsam_steps"] == 8
     assert result["tilted_loss"] < 1.3  # 4 classes: ln 4 = 1.386 at the start
 
 
-def test_hf_trainer_recipe(tmp_path, capsys, one_thread):
-    hf = _recipe("hf_trainer_tsam", "transformers")
+def test_hf_trainerrecipe(tmp_path, capsys, one_thread):
+    hf = recipe("hf_trainer_tsam", "transformers")
     trainer = hf.main(["--output-dir", str(tmp_path), "--max-steps", "8", "--save-steps", "4"])
     result = _printed_result(capsys)
     assert result["global_step"] == result["tsam_steps"] == 8
@@ -71,8 +62,8 @@ def test_hf_trainer_recipe(tmp_path, capsys, one_thread):
     assert trainer.model.dtype == torch.float32  # bf16 is autocast, the weights stay fp32
 
 
-def test_accelerate_recipe(tmp_path, capsys, one_thread):
-    ac = _recipe("accelerate_tsam", "accelerate")
+def test_acceleraterecipe(tmp_path, capsys, one_thread):
+    ac = recipe("accelerate_tsam", "accelerate")
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(reset_partial_state=True)
     try:

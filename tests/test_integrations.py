@@ -4,9 +4,6 @@ Accelerate (resume bit-exact, equal to a plain loop, accumulation inside each ev
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from torch import nn
 
 from tsam_fast import TSAM, bn_update_once_per_step, bn_update_per_sample
 
-from tables import one_thread  # noqa: F401  (fixture)
+from tables import one_thread, recipe  # noqa: F401  (one_thread: fixture)
 
 
 def _pair():
@@ -63,17 +60,6 @@ def test_lr_schedulers_drive_the_base_optimizer(make):
 # They are test-time dependencies (the `integrations` extra, installed by scripts/setup.sh); a test skips,
 # naming the package, only where it cannot be imported. The recipes under examples/ are what is tested.
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
-
-def _recipe(module: str, package: str):
-    pytest.importorskip(package, reason=f"{package} is not installed (pip install -e '.[integrations]', or "
-                                        "bash scripts/setup.sh)")
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
-    return importlib.import_module(module)
-
-
 @pytest.fixture
 def fresh_accelerate_state():
     """Accelerate keeps one process-wide state; each recipe run here sets its own mixed precision."""
@@ -97,7 +83,7 @@ def _assert_same_tensors(a: dict, b: dict, what: str):
 # noise is counter-based, so it depends on (seed, step) only). Any gap would be a lost piece of state.
 
 def test_lightning_resume_continues_the_identical_trajectory(tmp_path, one_thread):
-    lt = _recipe("lightning_tsam", "lightning")
+    lt = recipe("lightning_tsam", "lightning")
     full, full_trainer = lt.fit(4)
     ckpt = str(tmp_path / "half.ckpt")
     lt.fit(2, save=ckpt)
@@ -115,7 +101,7 @@ def test_lightning_resume_continues_the_identical_trajectory(tmp_path, one_threa
 def test_lightning_equals_a_plain_loop(one_thread):
     """Lightning's wrapper, manual_backward and precision plugin change nothing: 2 epochs equal a hand-written
     TSAM loop with the same micro-batches and schedule, bit for bit."""
-    lt = _recipe("lightning_tsam", "lightning")
+    lt = recipe("lightning_tsam", "lightning")
     from tiny_resnet import TinyResNet, images
     module, _ = lt.fit(2)
 
@@ -142,7 +128,7 @@ def test_lightning_equals_a_plain_loop(one_thread):
 
 
 def test_lightning_bf16_with_the_authors_bn_policy(one_thread):
-    lt = _recipe("lightning_tsam", "lightning")
+    lt = recipe("lightning_tsam", "lightning")
     module, trainer = lt.fit(1, precision="bf16-mixed", bn_policy="per_sample", micro_batches=2)
     opt = trainer.optimizers[0]
     steps = trainer.global_step
@@ -157,7 +143,7 @@ def test_lightning_bf16_with_the_authors_bn_policy(one_thread):
 def test_hf_trainer_resume_mid_epoch_is_bit_exact(tmp_path, one_thread):
     """bf16 autocast, gradient accumulation, dropout, the Trainer's warmup + linear schedule and AdamW; the
     checkpoint is taken mid-epoch (step 3 of 4), so the Trainer also restores the data position and RNG."""
-    hf = _recipe("hf_trainer_tsam", "transformers")
+    hf = recipe("hf_trainer_tsam", "transformers")
     save = dict(save_strategy="steps", save_steps=3)
     full = hf.make_trainer(str(tmp_path / "full"), **save)
     full.train()
@@ -182,7 +168,7 @@ def test_hf_trainer_resume_mid_epoch_is_bit_exact(tmp_path, one_thread):
 def test_hf_trainer_accumulation_is_inside_each_evaluation(tmp_path, one_thread):
     """2 micro-batches of 4 per evaluation == one batch of 8 (fp32, no dropout, SGD; within fp32 roundoff:
     the token sums are added in another order), and each step runs every evaluation over every micro-batch."""
-    hf = _recipe("hf_trainer_tsam", "transformers")
+    hf = recipe("hf_trainer_tsam", "transformers")
     common = dict(bf16=False, optim="sgd", max_steps=4, max_grad_norm=0.0, weight_decay=0.0, dropout=0.0)
     accumulated = hf.make_trainer(str(tmp_path / "ga"), per_device_train_batch_size=4,
                                   gradient_accumulation_steps=2, **common)
@@ -202,7 +188,7 @@ def test_hf_trainer_accumulation_is_inside_each_evaluation(tmp_path, one_thread)
 
 def test_accelerate_equals_a_plain_loop(one_thread, fresh_accelerate_state):
     """accelerator.prepare / backward / no_sync change nothing on one process: bit-identical to plain torch."""
-    ac = _recipe("accelerate_tsam", "accelerate")
+    ac = recipe("accelerate_tsam", "accelerate")
     from tiny_resnet import TinyResNet, images
     _, model, tsam, _ = ac.train(epochs=2, mixed_precision="no")
 
@@ -231,7 +217,7 @@ def test_accelerate_equals_a_plain_loop(one_thread, fresh_accelerate_state):
 
 
 def test_accelerate_resume_continues_the_identical_trajectory(tmp_path, one_thread):
-    ac = _recipe("accelerate_tsam", "accelerate")
+    ac = recipe("accelerate_tsam", "accelerate")
     from accelerate.state import AcceleratorState
     runs = []
     for kwargs in (dict(epochs=4), dict(epochs=2, save=str(tmp_path / "state")),
