@@ -1,59 +1,105 @@
-"""pytest-benchmark suite of the fused ops, reference vs cpp (not part of the test run: testpaths=["tests"]).
-
-    pytest bench/bench_ops.py --benchmark-only                     # all ops, 1M fp32 elements
-    pytest bench/bench_ops.py --benchmark-only -k "cpp and 10M"    # the cpp backend at 10M
+"""Each op of the contract alone, per backend: ``python bench/throughput.py --mode ops`` (or run this file).
 
 The ops, their inputs and their byte counts come from the contract table (``tsam_fast.backends.contract``):
-each op is timed in its first mode (``OpSpec.cases``) on the table's sample inputs. Each benchmark first
-checks its backend's answer against the reference on the same inputs, then times the op on freshly made
-inputs (ops update in place: repeated calls keep the buffers' values finite). GB/s in extra_info is the
-op's minimum memory traffic (docs/design.md §5; the mode's ``passes`` over 4-byte elements) per second.
+each op is timed in its first mode (``OpSpec.cases``) on the table's sample inputs, fp32, on the CPU (or
+CUDA with ``--device cuda``). Rows: ``ReferenceOps`` (the plain definition), ``FastReferenceOps`` (what
+``backend="reference"`` runs; its generator compiled where it can be) and every fused backend available.
+Each row's answer is first checked against ``ReferenceOps`` on the same inputs; ops update in place, and
+repeated calls keep the buffers' values finite. GB/s is the op's minimum memory traffic (docs/design.md
+§5: the mode's ``passes`` over 4-byte elements) per median second.
 """
 
 from __future__ import annotations
 
-import pytest
+import sys
+from pathlib import Path
+
 import torch
 
-import tsam_fast
-from tsam_fast.backends import contract, resolve_backend
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-BACKENDS = ["reference"] + (["cpp"] if tsam_fast.backend_info()["cpp"].available else [])
-SIZES = {"1M": 1_000_000, "10M": 10_000_000}
-OPS = list(contract.NAMES)
-
-CASES = [(op, be, size) for size in SIZES for op in OPS for be in BACKENDS
-         # the reference's integer Philox takes seconds per 10M normals: time it at 1M only
-         if not (be == "reference" and size == "10M")]
+import harness  # noqa: E402
+from tsam_fast.backends import contract, resolve_backend  # noqa: E402
+from tsam_fast.backends.reference import FastReferenceOps, ReferenceOps  # noqa: E402
 
 
-def _inputs(op: str, n: int):
-    """The op's sample arguments (fp32, CPU, its first mode), drawn from a fixed seed."""
-    torch.manual_seed(0)
-    return contract.SPECS[op].args(n, torch.float32, "cpu")
+def rows_for(device: torch.device):
+    """(label, ops) of every implementation that runs on ``device``: the plain reference first."""
+    import tsam_fast
+    out = [("reference (plain definition)", ReferenceOps()), ("reference (fast fallback)", FastReferenceOps())]
+    for name, st in tsam_fast.backend_info().items():
+        if name != "reference" and st.available and device.type in st.devices:
+            out.append((name, resolve_backend(name, device.type).ops))
+    return out
 
 
 def _call(ops, op: str, args):
-    """Run ``op`` of an ops namespace on ``args``; returns what it produced (its result or the buffers it writes)."""
     result = getattr(ops, op)(*args)
     spec = contract.SPECS[op]
     written = [args[spec.arg_names.index(name)] for name in spec.mutated]
     return [result] if spec.returns_tensor else [t for t in written if t is not None]
 
 
-@pytest.mark.parametrize("op,backend,size", CASES, ids=[f"{op}-{be}-{size}" for op, be, size in CASES])
-def test_op(benchmark, op, backend, size):
-    n = SIZES[size]
-    ops = resolve_backend(backend, "cpu").ops
-    if backend != "reference":  # check the answer before timing it
-        ref_ops = resolve_backend("reference", "cpu").ops
-        small = min(n, 100_003)
-        for a, b in zip(_call(ops, op, _inputs(op, small)), _call(ref_ops, op, _inputs(op, small))):
-            torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5)  # the reference's norms are fp64
-    args = _inputs(op, n)
-    passes = contract.SPECS[op].passes()
-    benchmark.extra_info.update(op=op, backend=backend, n=n, threads=torch.get_num_threads(), bytes=passes * 4 * n)
-    benchmark.pedantic(_call, args=(ops, op, args), rounds=3 if backend == "reference" else 10,
-                       warmup_rounds=1, iterations=1)
-    if passes:
-        benchmark.extra_info["GB/s"] = passes * 4 * n / benchmark.stats.stats.median / 1e9
+def check(ops, op: str, device, n: int = 100_003) -> float:
+    """Largest relative difference from ``ReferenceOps`` on fresh inputs (the reference's norms are fp64)."""
+    torch.manual_seed(0)
+    args = contract.SPECS[op].args(n, torch.float32, device)
+    twin = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    err = 0.0
+    for got, want in zip(_call(ops, op, args), _call(ReferenceOps(), op, twin)):
+        err = max(err, ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item())
+    return err
+
+
+def measure(device: torch.device, sizes, steps: int = 5, plain_max: int = 2_000_000) -> dict:
+    timer = harness.Timer(device)
+    out = []
+    for label, ops in rows_for(device):
+        for op in contract.NAMES:
+            err = check(ops, op, device)
+            if err > 1e-5:
+                raise SystemExit(f"{label} {op}: off by {err:.3g} from ReferenceOps; not timing it")
+            for n in sizes:
+                if label.startswith("reference (plain") and n > plain_max:
+                    continue  # seconds per call: its cost at 1M tells the story
+                torch.manual_seed(0)
+                args = contract.SPECS[op].args(n, torch.float32, device)
+                st = harness.summarize(timer.repeat(lambda: _call(ops, op, args), 1, steps))
+                passes = contract.SPECS[op].passes()
+                out.append(dict(impl=label, op=op, n=n, passes=passes, check_err=err, ms=st,
+                                gbps=passes * 4 * n / (st["median"] * 1e-3) / 1e9 if passes else None))
+    return dict(rows=out)
+
+
+def markdown(record: dict) -> str:
+    head = ["implementation", "op", "elements", "ms (median [IQR])", "GB/s (min traffic)"]
+    rows = [[r["impl"], r["op"], harness.fmt_count(r["n"]), f"{r['ms']['median']:.2f} [{r['ms']['q25']:.2f}–"
+             f"{r['ms']['q75']:.2f}]", f"{r['gbps']:.1f}" if r["gbps"] else "–"] for r in record["rows"]]
+    dev = record["device"]
+    return (f"ops mode — {dev['name']} ({dev['type']}), torch {record['versions']['torch']}, copy bandwidth "
+            f"{record['bandwidth_gbps']:.1f} GB/s; reference generator: {record['backends']['reference']['generator']}"
+            "\n\n" + harness.markdown_table(head, rows))
+
+
+def main(args) -> int:
+    """``throughput.py --mode ops``: uses its --device, --op-sizes, --steps, --threads, --out-dir, --no-save."""
+    from throughput import resolve_device
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(float(x)) for x in args.op_sizes.split(",") if x]
+    record = dict(harness.machine_record(device), mode="ops", bandwidth_gbps=harness.copy_bandwidth(device),
+                  **measure(device, sizes, steps=args.steps or 5))
+    text = markdown(record)
+    print(text)
+    if not args.no_save:
+        for path in harness.save(record, args.out_dir, f"ops-{device.type}", markdown=text):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    import throughput
+    sys.exit(throughput.main(["--mode", "ops"] + sys.argv[1:]))

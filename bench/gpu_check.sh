@@ -11,15 +11,16 @@
 #                  triton cases of tests/test_ops.py and the CUDA cases of tests/test_distributed.py and
 #                  tests/test_amp.py (DDP over NCCL / gloo on CUDA, autocast, GradScaler), compiled for
 #                  the GPU (TRITON_INTERPRET unset)
-#   3. gpu_bench:  bench/gpu_bench.py: optimizer overhead per TSAM step (s = 3, ascent, fp32, 50M-500M)
-#                  vs the copy-bandwidth floor, plain PyTorch over flat buffers, an authors'-style loop
-#                  (GPU_CHECK_SWEEP=1 adds the block-size sweep: about a minute more, mostly compiling)
-# GPU_CHECK_SIZES (default 50e6,200e6,500e6) picks gpu_bench's sizes; GPU_CHECK_E2E=0 skips stage 4.
+#   3. gpu_bench:  bench/throughput.py --mode gpu: optimizer overhead of tsam_fast's own TSAM.step (s = 3,
+#                  ascent, fp32, a flat model of 50M-500M parameters in 200 tensors) vs the copy-bandwidth
+#                  floor, plain foreach PyTorch and an authors'-style loop (to 200M), each checked first
+# GPU_CHECK_SIZES (default 50e6,200e6,500e6) picks the gpu mode's sizes; GPU_CHECK_E2E=0 skips stage 4.
 #   4. e2e:        bench/throughput.py on a GPT-style decoder of ~110M parameters (d=768, 12 layers,
 #                  vocab 16384, 16 x 256 tokens, fp32): whole TSAM step vs 2 s forward/backward passes
 # Measured on one H200 (2026-11-27): build 22 s, tests 133 s, gpu_bench 22 s, e2e 126 s: about 5 minutes.
 # Writes OUT_DIR/gpu_check.log (everything printed), OUT_DIR/gpu_check.json (stage results, device,
-# versions), OUT_DIR/tests.xml, OUT_DIR/gpu_bench.json and throughput's JSON. Exit status: 0 when
+# versions, the gpu mode's record), OUT_DIR/tests.xml and throughput's records (gpu-cuda-*.json/.md,
+# models-cuda-*.json/.md, with latest-*.txt pointers). Exit status: 0 when
 # every stage passed, 1 otherwise (later stages still run when an earlier one fails, except the build).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,10 +75,9 @@ else
     stage tests 170 "$PY" -m pytest -v -ra -p no:cacheprovider $timeout_opt --junitxml="$OUT_DIR/tests.xml" \
         tests/test_triton_backend.py tests/test_ops.py tests/test_trajectory.py tests/test_distributed.py \
         tests/test_amp.py -k "triton or cuda" || FAILED=1
-    # shellcheck disable=SC2046
-    stage gpu_bench 100 "$PY" bench/gpu_bench.py --sizes "${GPU_CHECK_SIZES:-50e6,200e6,500e6}" --steps 15 \
-        $([[ ${GPU_CHECK_SWEEP:-0} == 1 ]] && echo --sweep) --out "$OUT_DIR/gpu_bench.json" || FAILED=1
-    # the authors'-style loop is left out here: gpu_bench times it at the op level (a further ~100 s)
+    stage gpu_bench 150 "$PY" bench/throughput.py --mode gpu --sizes "${GPU_CHECK_SIZES:-50e6,200e6,500e6}" \
+        --no-plot --no-progress --check-rtol 1e-3 --out-dir "$OUT_DIR" || FAILED=1
+    # the authors'-style loop is left out here: the gpu mode times it on the flat model (to 200M)
     if [[ ${GPU_CHECK_E2E:-1} == 1 ]]; then
     stage e2e 160 "$PY" bench/throughput.py --size medium --models gpt --time-budget 30 --no-plot \
         --methods erm,sam,tsam_foreach,tsam_fast_triton --check-rtol 1e-3 --no-progress \
@@ -104,9 +104,9 @@ try:
     record["triton"] = triton.__version__
 except Exception as exc:  # the record says what could not be read
     record["version_error"] = repr(exc)
-bench = out / "gpu_bench.json"
-if bench.exists():
-    record["gpu_bench"] = json.loads(bench.read_text())
+pointer = out / "latest-gpu-cuda.txt"
+if pointer.exists():
+    record["gpu_bench"] = json.loads((out / pointer.read_text().strip()).read_text())
 (out / "gpu_check.json").write_text(json.dumps(record, indent=2))
 print(f"gpu_check: {'PASSED' if not failed else 'FAILED'} in {elapsed}s; wrote {out / 'gpu_check.json'}")
 PYEOF

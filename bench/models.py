@@ -3,9 +3,14 @@
 * ``mlp``: a GELU MLP whose hidden width sets the parameter count (about ``(depth - 1) * width**2``),
   so one knob spans 1M to 100M+ parameters and the optimizer's element-wise work dominates.
 * ``cnn``: a ResNet-style CNN with batch norm on 32x32 RGB images (CIFAR-shaped); many small tensors.
-* ``gpt``: a GPT-style decoder (causal self-attention, pre-LayerNorm) on random token ids.
+* ``gpt``: a GPT-style decoder (causal self-attention, pre-LayerNorm) on random token ids: 12 parameter
+  tensors per block plus 5, so ``layers=6`` gives the 77-tensor, 5.3M-parameter transformer LM of the
+  default CPU run.
+* ``flat``: ``numel`` parameters split into ``tensors`` tensors and a loss ``sum_i <p_i, c_i>`` whose
+  backward writes a fixed gradient: a model that costs one pass, so the optimizer's own work is all
+  there is (the GPU overhead mode, 50M-500M parameters).
 
-Every model is a classifier trained with cross-entropy, so one closure serves all of them.
+The first three are classifiers trained with cross-entropy, so one closure serves all of them.
 
 Activations are smooth (GELU, SiLU): the benchmark checks each method's update against the reference
 before timing it, and with ReLU a rounding-level difference in the perturbed parameters can flip a
@@ -49,8 +54,10 @@ class Workload:
     tokens_per_batch: int  # 0 for models that do not read tokens
 
     def loss(self, model: nn.Module) -> torch.Tensor:
-        logits = model(self.inputs)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.targets.reshape(-1))
+        out = model(self.inputs)
+        if out.dim() == 0:  # ``flat``: the model is its own loss
+            return out
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), self.targets.reshape(-1))
 
 
 class MLP(nn.Module):
@@ -132,11 +139,26 @@ class GPT(nn.Module):
         return self.head(self.ln(self.blocks(self.tok(idx) + self.pos[: idx.shape[1]])))
 
 
+class Flat(nn.Module):
+    """``numel`` parameters in ``tensors`` tensors; ``forward`` returns ``sum_i <p_i, c_i>`` (gradient c)."""
+
+    def __init__(self, numel: int, tensors: int):
+        super().__init__()
+        sizes = [numel // tensors + (1 if i < numel % tensors else 0) for i in range(tensors)]
+        self.ps = nn.ParameterList([nn.Parameter(torch.randn(n) * 0.02) for n in sizes])
+        for i, n in enumerate(sizes):
+            self.register_buffer(f"c{i}", torch.randn(n) * 0.01)
+
+    def forward(self, _x):
+        return sum(torch.dot(p, getattr(self, f"c{i}")) for i, p in enumerate(self.ps))
+
+
 # Knobs of each kind, with the values used when a preset or the command line leaves one out.
 DEFAULTS = {
     "mlp": dict(width=512, depth=5, in_dim=256, classes=10, batch=64),
     "cnn": dict(width=16, blocks=1, classes=10, batch=32),
     "gpt": dict(dim=128, layers=2, heads=4, vocab=1024, seq_len=64, batch=8),
+    "flat": dict(numel=1_000_000, tensors=1, batch=1),
 }
 
 
@@ -163,16 +185,26 @@ def build(spec: ModelSpec, device: torch.device, seed: int = 0) -> Workload:
         seq = torch.randint(0, o["vocab"], (o["batch"], o["seq_len"] + 1), generator=g)
         inputs, targets = seq[:, :-1], seq[:, 1:]
         tokens = o["batch"] * o["seq_len"]
+    elif spec.kind == "flat":
+        def ctor():
+            return Flat(o["numel"], o["tensors"])
+        inputs, targets, tokens = torch.zeros(1), torch.zeros(1, dtype=torch.int64), 0
     else:
-        raise ValueError(f"unknown model kind {spec.kind!r}: expected mlp, cnn or gpt")
+        raise ValueError(f"unknown model kind {spec.kind!r}: expected mlp, cnn, gpt or flat")
 
-    torch.manual_seed(seed)
-    state = {k: v.clone() for k, v in ctor().state_dict().items()}
+    if spec.kind == "flat":  # large: built on the device, from a seed, without a CPU state copy
+        def make_model() -> nn.Module:
+            torch.manual_seed(seed)
+            with torch.device(device):
+                return ctor().train()
+    else:
+        torch.manual_seed(seed)
+        state = {k: v.clone() for k, v in ctor().state_dict().items()}
 
-    def make_model() -> nn.Module:
-        model = ctor()
-        model.load_state_dict(state)
-        return model.to(device).train()
+        def make_model() -> nn.Module:
+            model = ctor()
+            model.load_state_dict(state)
+            return model.to(device).train()
 
     return Workload(ModelSpec(spec.kind, o), make_model, inputs.to(device), targets.to(device),
                     o["batch"], tokens)

@@ -8,8 +8,9 @@ pinned memory, asynchronously) and caches it.
 
 Block sizes are chosen per size, not autotuned: the in-place kernels must not be (an autotuner's trial
 launches would apply the update several times), and the reductions use a fixed grid so that their
-result does not depend on the device. The numbers below are untuned defaults (no GPU measurement yet;
-``bench/gpu_bench.py --sweep`` reports the alternatives).
+result does not depend on the device. The numbers below are untuned defaults (no block-size sweep has
+been run on a GPU; the benchmark that offered one, ``bench/gpu_bench.py --sweep``, was folded into
+``bench/throughput.py --mode gpu`` without it).
 """
 
 from __future__ import annotations

@@ -350,7 +350,8 @@ class TSAM(torch.optim.Optimizer):
         backends keep between ops."""
         if self._layout is None:
             return 0
-        held = sum(be.held_bytes() for be in {id(be): be for be in self._backends.values()}.values())
+        buckets = self._layout.buckets  # a backend object may serve several optimizers: count ours only
+        held = sum(be.held_bytes(buckets) for be in {id(be): be for be in self._backends.values()}.values())
         return sum(b.state_bytes() for b in self._layout.buckets) + held
 
     def backend_name(self, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> str:

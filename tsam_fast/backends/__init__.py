@@ -26,8 +26,10 @@ _PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
 
 
 def _reference_status() -> Tuple[Optional[Backend], BackendStatus]:
+    from .reference import generator_info
     return ReferenceBackend(), BackendStatus(
-        "reference", True, ("any",), "plain PyTorch ops; the oracle of the fused backends")
+        "reference", True, ("any",), f"PyTorch ops in cache-sized chunks (the plain ops are the oracle of the "
+                                     f"fused backends); noise: {generator_info()}")
 
 
 def _cpp_status() -> Tuple[Optional[Backend], BackendStatus]:

@@ -46,9 +46,10 @@ class Backend:
         #: the parameter dtypes this backend runs
         self.dtypes = dtypes
 
-    def held_bytes(self) -> int:
-        """Bytes of buffers the backend itself keeps between ops; 0 unless the ops say otherwise."""
-        return getattr(self.ops, "held_bytes", lambda: 0)()
+    def held_bytes(self, buckets=None) -> int:
+        """Bytes of buffers the backend itself keeps between ops (for ``buckets`` when given); 0 unless the
+        backend says otherwise."""
+        return 0
 
     def noise_sqnorm(self, bucket, seed: int) -> torch.Tensor:
         """``sum(xi**2)`` over the bucket (generator only)."""

@@ -167,7 +167,7 @@ class CppOps:
     The noise of a random start is generated twice, once for its norm (``noise_sqnorm``) and once in the
     update (``perturb`` / ``tilt_accumulate``), never stored (docs/design.md §5). Storing it between the
     two passes (4 more bytes per parameter) was measured and removed: on a 2-core AMD EPYC (AVX2) VM,
-    10M-parameter fp32 MLP, s = 3, ``ascent`` (``python3 bench/cpp_overhead.py --noise``, 2026-11-30, the
+    10M-parameter fp32 MLP, s = 3, ``ascent`` (then ``bench/cpp_overhead.py --noise``, a script since folded into ``bench/throughput.py``; 2026-11-30, the
     two variants' steps interleaved in one run), it made whole steps only 5.3% faster (median 449.1 vs
     425.3 ms; optimizer overhead 164.3 vs 146.0 ms), and 6.6% over 30 paired steps in a second run --
     below the 10% that would pay for the memory.

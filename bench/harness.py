@@ -1,0 +1,326 @@
+"""The benchmarks' one harness: timer, copy bandwidth, the bandwidth floor, summary statistics, progress,
+the machine record and the output writers. Plain functions and classes, so that any benchmark script
+(``throughput.py``'s modes, ``bench_ops.py``, a separate script) is a few dozen lines of what it measures:
+
+    from harness import Timer, copy_bandwidth, floor_ms, summarize, machine_record, save
+
+    timer = Timer(device)
+    times = timer.repeat(lambda: opt.step(closure), warmup=2, steps=10)   # ms; CUDA events on a GPU
+    gbps = copy_bandwidth(device)
+    row = dict(step_ms=summarize(times), floor_ms=floor_ms(d, s, gbps))
+    record = dict(machine_record(device), rows=[row])
+    save(record, out_dir, "mybench-cpu", markdown="| ... |")     # <stem>-<UTC stamp>.json/.md/.png
+
+The floor is stated once, here (docs/design.md §5).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import tsam_fast
+
+# -- the bandwidth floor (docs/design.md §5) -----------------------------------------------------------
+
+#: passes over d elements of 4 bytes per sample of a TSAM step (``ascent``, SGD with momentum):
+#: ||g0||^2 (1); theta += k*g0 (3); tilt update fused with the next start (5); zeroing before 2 backwards (2)
+PASSES_PER_SAMPLE = 11
+#: per step: backup fused with the first start (3); the final gradient write (1); SGD with momentum (5)
+PASSES_PER_STEP = 9
+
+
+def floor_bytes(numel: int, num_samples: int, elem_bytes: int = 4) -> int:
+    """Minimum memory traffic of one TSAM step over ``numel`` parameters: ``(11 s + 9) * 4 d`` bytes (42
+    passes for s = 3). Noise is generated, not read; forward and backward are the model's, not counted."""
+    return (PASSES_PER_SAMPLE * num_samples + PASSES_PER_STEP) * numel * elem_bytes
+
+
+def floor_ms(numel: int, num_samples: int, gbps: float) -> float:
+    """The floor in ms at ``gbps`` (read + write counted): the time no implementation can beat."""
+    return floor_bytes(numel, num_samples) / (gbps * 1e9) * 1e3
+
+
+# -- timing -------------------------------------------------------------------------------------------
+
+
+class Timer:
+    """Wall time of a callable in ms: ``perf_counter`` on the CPU; CUDA events on a GPU, read at ``flush``
+    (one sync for many steps, none inside a timed region)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self._pending = []
+
+    def time(self, fn: Callable[[], object], sink: List[float]) -> None:
+        """Run ``fn``; its time in ms lands in ``sink`` now (CPU) or at the next ``flush`` (GPU)."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            self._pending.append((start, end, sink))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            sink.append((time.perf_counter() - t0) * 1e3)
+
+    def flush(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for start, end, sink in self._pending:
+                sink.append(start.elapsed_time(end))
+            self._pending = []
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def repeat(self, fn: Callable[[], object], warmup: int, steps: int) -> List[float]:
+        """``warmup`` untimed calls, then ``steps`` timed ones (ms)."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        out: List[float] = []
+        for _ in range(steps):
+            self.time(fn, out)
+        self.flush()
+        return out
+
+
+def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, repeats: int = 10) -> float:
+    """Copy bandwidth in GB/s (read + write counted): median of ``repeats`` copies of ``nbytes`` (default
+    256 MiB on a CPU, 1 GiB on CUDA: beyond the caches)."""
+    device = torch.device(device)
+    nbytes = nbytes or (1024 if device.type == "cuda" else 256) * 2**20
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch of the pages, outside the timing
+    times = Timer(device).repeat(lambda: dst.copy_(src), 1, repeats)
+    return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
+
+
+def summarize(ms: Sequence[float]) -> dict:
+    """Median, quartiles, IQR, min, mean and count of a list of times."""
+    ms = list(ms)
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+    return dict(median=statistics.median(ms), q25=q[0], q75=q[2], iqr=q[2] - q[0], min=min(ms),
+                mean=statistics.fmean(ms), n=len(ms))
+
+
+class Progress:
+    """A one-line progress bar on stderr (tqdm's when installed); silent when stderr is not a terminal."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.text = max(total, 1), 0, ""
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bar = None
+        self._last = 0.0
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+                self._bar = tqdm(total=self.total, unit="step", file=sys.stderr, leave=False)
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1, text: Optional[str] = None) -> None:
+        self.done = min(self.done + n, self.total)
+        if text is not None:
+            self.text = text
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+            self._bar.set_description(self.text, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last < 0.2 and self.done < self.total:
+            return
+        self._last = now
+        frac = self.done / self.total
+        sys.stderr.write(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:3.0f}% {self.text[:60]:<60}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+# -- the machine record -------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (None where the OS has none): recorded so noisy runs can be spotted."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def versions(**extra: str) -> dict:
+    """Python, torch, tsam_fast and triton versions (triton None when absent), plus ``extra``."""
+    out = dict(python=platform.python_version(), torch=torch.__version__, tsam_fast=tsam_fast.__version__)
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return {**out, **extra}
+
+
+def device_description(device: torch.device) -> dict:
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return dict(type="cuda", name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, host_cpu=cpu_name(), host_cores=os.cpu_count())
+    return dict(type=device.type, name=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads())
+
+
+def backends_record(device_type: str = "cpu") -> dict:
+    """Each backend's availability and reason, and how the reference backend generates noise here."""
+    from tsam_fast.backends import reference
+    out = {n: dict(available=s.available, devices=list(s.devices), reason=s.reason)
+           for n, s in tsam_fast.backend_info().items()}
+    out["reference"]["generator"] = reference.generator_info(device_type)
+    return out
+
+
+def machine_record(device: torch.device) -> dict:
+    """What every result file starts with: schema, UTC date, device, versions, backends, load average."""
+    device = torch.device(device)
+    return dict(schema=2, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                device=device_description(device), versions=versions(), backends=backends_record(device.type),
+                load_average=dict(before=load_average()))
+
+
+def warn_if_loaded(device: torch.device) -> Optional[float]:
+    """Warn on stderr when other processes compete for the CPU; returns the load average."""
+    load = load_average()
+    if torch.device(device).type == "cpu" and load is not None and load > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores before the run: other processes "
+              "compete for the CPU and the times will be noisy", file=sys.stderr)
+    return load
+
+
+# -- output -------------------------------------------------------------------------------------------
+
+
+def stamp(record: dict) -> str:
+    """``YYYYMMDDTHHMMSS`` of the record's date."""
+    return record["date"].replace(":", "").replace("-", "")[:15]
+
+
+def fmt_count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table: the first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save(record: dict, out_dir: Path, stem: str, markdown: Optional[str] = None,
+         plot: Optional[Callable[[dict, Path], bool]] = None, pointer: Optional[str] = None) -> List[Path]:
+    """Write ``<stem>-<stamp>.json`` (and ``.md`` with ``markdown``, ``.png`` when ``plot`` draws one).
+
+    Timestamped files only; with ``pointer``, ``<out_dir>/<pointer>`` is a one-line text file naming the
+    newest JSON (a pointer, not a copy)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = f"{stem}-{stamp(record)}"
+    written = [out_dir / f"{base}.json"]
+    written[0].write_text(json.dumps(record, indent=1) + "\n")
+    if markdown is not None:
+        (out_dir / f"{base}.md").write_text(markdown + "\n")
+        written.append(out_dir / f"{base}.md")
+    if plot is not None and plot(record, out_dir / f"{base}.png"):
+        written.append(out_dir / f"{base}.png")
+    if pointer:
+        (out_dir / pointer).write_text(f"{base}.json\n")
+        written.append(out_dir / pointer)
+    return written
+
+
+def latest(out_dir: Path, pointer: str) -> Path:
+    """The JSON a pointer file names."""
+    out_dir = Path(out_dir)
+    return out_dir / (out_dir / pointer).read_text().strip()
+
+
+def plot_overheads(record: dict, path: Path) -> bool:
+    """PNG: overhead and overhead ÷ floor against parameter count, one line or point per method."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    models = record.get("models", [])
+    if not models:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    keys = list(dict.fromkeys(k for m in models for k in m["methods"]))
+    markers = {"mlp": "o", "cnn": "s", "gpt": "^", "flat": "D", "tiny": "v"}
+    for n, key in enumerate(keys):
+        label = next(m["methods"][key]["label"] for m in models if key in m["methods"])
+        for ax, field in zip(axes, ("overhead_ms", "overhead_over_floor")):
+            for kind, marker in markers.items():
+                pts = sorted((m["params"], m["methods"][key][field]) for m in models
+                             if m["kind"] == kind and key in m["methods"] and m["methods"][key][field] > 0)
+                if pts:
+                    ax.plot([p for p, _ in pts], [v for _, v in pts], marker=marker, color=f"C{n % 10}",
+                            ls="-" if len(pts) > 1 else "none",
+                            label=label if ax is axes[0] and kind == next(
+                                k for k in markers if any(mm["kind"] == k and key in mm["methods"] for mm in models))
+                            else None)
+    for ax, title in zip(axes, ("optimizer overhead per step (ms)", "overhead ÷ bandwidth floor")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
+    axes[0].legend(fontsize=8, title="● mlp  ■ cnn  ▲ gpt  ◆ flat", title_fontsize=8)
+    dev = record["device"]
+    fig.suptitle(f"tsam_fast {record.get('mode', '')} — {dev['name']} ({dev['type']}), {record['date'][:10]}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def load_json(path: Path) -> Dict:
+    return json.loads(Path(path).read_text())
