@@ -382,13 +382,17 @@ class FastReferenceOps(ReferenceOps):
         torch.mul(c, xi.to(ct), out=t)
         torch.add(theta0_c, t, out=theta_c)
 
-    def perturb(self, theta, theta0, runs, seed, coef, save_backup):
+    def _start_buffers(self, theta, runs, seed, coef):
+        """What a random start's chunked loop needs: n, the kept noise (or None), a noise scratch when it must
+        be generated, the compute dtype, the coefficient in it and a chunk-sized temporary."""
         n = theta.numel()
         kept = None if seed is None else self.recall(runs, seed, n, theta.device)
         scratch = None if seed is None or kept is not None else torch.empty(min(n, CHUNK), device=theta.device)
         ct = _compute_dtype(theta)
-        c = coef.to(ct)
-        tmp = torch.empty(min(n, CHUNK), dtype=ct, device=theta.device)
+        return n, kept, scratch, ct, coef.to(ct), torch.empty(min(n, CHUNK), dtype=ct, device=theta.device)
+
+    def perturb(self, theta, theta0, runs, seed, coef, save_backup):
+        n, kept, scratch, ct, c, tmp = self._start_buffers(theta, runs, seed, coef)
         for lo, hi in _chunks(n):
             if save_backup:
                 theta0[lo:hi].copy_(theta[lo:hi])
@@ -440,12 +444,7 @@ class FastReferenceOps(ReferenceOps):
         return t
 
     def tilt_accumulate(self, acc, grad, a, b, first, theta, theta0, runs, seed, coef):
-        n = theta.numel()
-        kept = None if seed is None else self.recall(runs, seed, n, theta.device)
-        scratch = None if seed is None or kept is not None else torch.empty(min(n, CHUNK), device=theta.device)
-        ct = _compute_dtype(theta)
-        c = coef.to(ct)
-        tmp = torch.empty(min(n, CHUNK), dtype=ct, device=theta.device)
+        n, kept, scratch, ct, c, tmp = self._start_buffers(theta, runs, seed, coef)
         acc_tmp = torch.empty(min(n, CHUNK), dtype=acc.dtype, device=acc.device)
         for lo, hi in _chunks(n):
             acc[lo:hi].copy_(self._accumulate(acc[lo:hi], grad[lo:hi], a, b, first, acc_tmp))
