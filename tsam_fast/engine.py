@@ -830,7 +830,7 @@ class StepRun:
             raise ValueError("backward_samples draws one set of samples for all parameters, so every param group "
                              f"must use the same tilt (got {sorted(set(self.taus))} after delta)")
         w = torch.softmax(shifted(torch.stack(self.losses), self.taus[0]), dim=0)
-        host = w.double().tolist()
+        host = w.double().tolist()  # the option's one host read per step (tests/test_no_host_sync.py pins it)
         k_draws = cfg.backward_samples
         if cfg.backward_select == "top":
             drawn = sorted(range(len(host)), key=lambda i: -host[i])[:k_draws]
