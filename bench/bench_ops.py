@@ -39,14 +39,16 @@ def _call(ops, op: str, args):
     result = getattr(ops, op)(*args)
     spec = contract.SPECS[op]
     written = [args[spec.arg_names.index(name)] for name in spec.mutated]
-    return [result] if spec.returns_tensor else [t for t in written if t is not None]
+    flat = [torch.cat([x.reshape(-1) for x in t]) if isinstance(t, list) else t for t in written if t is not None]
+    return [result] if spec.returns_tensor else flat
 
 
 def check(ops, op: str, device, n: int = 100_003) -> float:
     """Largest relative difference from ``ReferenceOps`` on fresh inputs (the reference's norms are fp64)."""
     torch.manual_seed(0)
     args = contract.SPECS[op].args(n, torch.float32, device)
-    twin = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    twin = tuple([t.clone() for t in a] if isinstance(a, list) else a.clone() if isinstance(a, torch.Tensor) else a
+                 for a in args)
     err = 0.0
     for got, want in zip(_call(ops, op, args), _call(ReferenceOps(), op, twin)):
         err = max(err, ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item())

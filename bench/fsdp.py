@@ -6,8 +6,7 @@
 Each rank trains on its half of the batch; rows (interleaved step by step, same model, same seed):
 
   ddp             DistributedDataParallel + TSAM (every rank holds all d parameters)
-  fsdp-packed     fully_shard per block and at the root + TSAM(shard_buffers="packed")
-  fsdp-in_place   the same with shard_buffers="in_place"
+  fsdp            fully_shard per block and at the root + TSAM (each op one dispatch over the local shards)
 
 overhead = step time - time inside the closure calls (measured inside each step, per rank; the slower
 rank's median is reported); floor = the byte budget of docs/design.md §5 over the parameters a rank holds
@@ -39,7 +38,7 @@ from throughput import GPT_LM  # noqa: E402
 
 from tsam_fast import TSAM  # noqa: E402
 
-ROWS = ("ddp", "fsdp-packed", "fsdp-in_place")
+ROWS = ("ddp", "fsdp")
 OPTIONS = dict(num_samples=3, tilt=1.0, rho=0.05, radius=0.05, lr=1e-3, momentum=0.9, seed=0)
 
 
@@ -54,7 +53,7 @@ def _prepare(row, workload, device):
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    opt = TSAM(model.parameters(), torch.optim.SGD, shard_buffers=row.split("-")[1], **OPTIONS)
+    opt = TSAM(model.parameters(), torch.optim.SGD, **OPTIONS)
     return model, opt
 
 

@@ -16,9 +16,8 @@ accumulate over loop iterations, one backward each, while every TSAM evaluation 
 gradient before the parameters move to the next point. Nor is the wrapper's ``optimizer.step()`` (TSAM
 needs its evaluations; ``run.finish()`` is the step). ``accelerator.save_state``/``load_state`` checkpoint
 the model, TSAM's state_dict (with its step counter and seed) and the scheduler; a resumed run continues
-the identical trajectory. Save with ``safe_serialization=False``: after the first step TSAM's parameters are
-views into one flat buffer, which safetensors takes for shared tensors -- with the default, Accelerate keeps
-one of them, warns "Removed shared tensor ...", and ``load_state`` then fails on the missing keys. fp16 with
+the identical trajectory, with Accelerate's defaults (safetensors: TSAM leaves every parameter in its own
+storage). fp16 with
 Accelerate's GradScaler is not supported (use bf16): the scaler would see only the final gradient, not an
 overflow in an ascent evaluation.
 """
@@ -83,7 +82,7 @@ def train(epochs: int = 4, micro_batches: int = 2, mixed_precision: str = "bf16"
             losses.append(run.finish())
             sched.step()
     if save:
-        accelerator.save_state(save, safe_serialization=False)
+        accelerator.save_state(save)
     return accelerator, model, tsam, losses
 
 

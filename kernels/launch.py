@@ -2,9 +2,17 @@
 
 Every launcher takes the arguments of an op of the contract (``tsam_fast/backends/contract.py``; ``runs``
 as a tuple of triples, which ``ops.py`` converts from the ops' flat ``int[]``) and launches one
-kernel (two for a reduction) on the buffers' device; none reads a device value on the host. The first
-call with a new ``runs`` layout of more than one run copies a small int64 table to the device (from
-pinned memory, asynchronously) and caches it.
+kernel (two for a reduction) on the buffers' device, over the whole ``theta`` list ("multi-tensor
+apply"); none reads a device value on the host.
+
+The work is cut into tiles that each lie inside one run (``tsam_kernels``): for an op with a ``theta``
+list, one run per tensor, with the tensor's data pointer in the run's row, so a kernel addresses each
+tensor of the list directly (the list is never gathered into a buffer of ours). A layout with more than
+one non-empty run has a small int64 table on the device, copied from pinned memory asynchronously
+the first time and cached (``_TILE_CACHE``), keyed on the runs, the list's ``(data_ptr, numel)`` pairs,
+the block size, element size and device: it is rebuilt only when a tensor's storage moves. One non-empty
+run (one tensor) needs no table: its numbers are kernel arguments. The launcher also decides ``ALIGNED``
+(16-byte vector accesses, see ``tsam_kernels``) from the cached layout and the flat buffers' pointers.
 
 Block sizes are chosen per size, not autotuned: the in-place kernels must not be (an autotuner's trial
 launches would apply the update several times), and the reductions use a fixed grid so that their
@@ -15,8 +23,9 @@ been run on a GPU; the benchmark that offered one, ``bench/gpu_bench.py --sweep`
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -33,6 +42,7 @@ _SMALL = 1 << 20  # buffers up to this many elements use the small configuration
 # No fused multiply-adds: each product and sum is rounded as the reference backend rounds it, so the
 # noise-free results are bit-identical to it (the kernels are memory-bound; FMA saves nothing here).
 _EXACT = dict(enable_fp_fusion=False)
+_VECTOR_BYTES = 16  # the alignment ALIGNED promises (every tile's first address)
 
 
 class Config(NamedTuple):
@@ -64,20 +74,23 @@ def set_config(kind: str, cfg: Optional[Config]) -> None:
         _override[kind] = Config(*cfg)
 
 
-# -- noise tiles --------------------------------------------------------------------------------
+# -- tiles ----------------------------------------------------------------------------------------
 
 
 class Tiles(NamedTuple):
-    """How a bucket's runs map to noise tiles (see ``tsam_kernels``): the kernel arguments."""
+    """How a bucket's runs map to tiles (see ``tsam_kernels``): the kernel arguments, and what the
+    launcher needs besides them."""
 
     num_tiles: int
-    table: Optional[torch.Tensor]  # int64 [R, RUN_FIELDS] on the device; None for one run
+    table: Optional[torch.Tensor]  # int64 [R, RUN_FIELDS] on the device; None for one non-empty run
     n_runs: int
     search_steps: int
     a_start: int
     shift: int
     g_lo: int
     g_hi: int
+    aligned: bool  # every run's first tile starts on 16 bytes in its tensor and in the flat buffers
+    first: int  # index of the first non-empty tensor of the list: theta_ptr (its element type)
 
     def args(self, dummy: torch.Tensor):
         table = self.table if self.table is not None else dummy
@@ -93,6 +106,7 @@ _TILE_CACHE_SIZE = 256
 
 
 def _check_runs(runs, n: int) -> Tuple[Tuple[int, int, int], ...]:
+    """Runs of a flat op (``noise_sqnorm``, ``fill_noise``): any order, together tiling ``[0, n)``."""
     runs = tuple((int(b), int(g), int(k)) for b, g, k in runs if int(k) > 0)
     covered = 0
     for b, g, k in sorted(runs):
@@ -106,6 +120,22 @@ def _check_runs(runs, n: int) -> Tuple[Tuple[int, int, int], ...]:
     return runs
 
 
+def _list_runs(runs, sizes: Sequence[int], name: str) -> Tuple[Tuple[int, int, int], ...]:
+    """Runs of an op with a ``theta`` list: exactly one ``(offset_i, global_offset >= 0, len(theta[i]))``
+    per tensor, in order."""
+    runs = tuple((int(b), int(g), int(k)) for b, g, k in runs)
+    if len(runs) != len(sizes):
+        raise ValueError(f"runs must hold one (buffer_offset, global_offset, length) triple per tensor of "
+                         f"{name} ({len(sizes)} tensors), got {len(runs)} runs")
+    offset = 0
+    for i, ((b, g, k), m) in enumerate(zip(runs, sizes)):
+        if b != offset or k != m or g < 0:
+            raise ValueError(f"runs[{i}] = {(b, g, k)} must be ({offset}, global_offset >= 0, {m}): one run per "
+                             f"tensor of {name}, in order, at its offset in the flat space and of its length")
+        offset += m
+    return runs
+
+
 def _device_table(rows, device: torch.device) -> torch.Tensor:
     host = torch.tensor(rows, dtype=torch.int64)
     assert host.shape[1] == int(K.RUN_FIELDS.value)
@@ -114,33 +144,75 @@ def _device_table(rows, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
-def noise_tiles(runs, n: int, block: int, device: torch.device) -> Tiles:
-    """The (cached) noise-tile plan of a bucket of ``n`` elements with these runs."""
-    key = (tuple(map(tuple, runs)), n, block, device)
+def _plan(runs, block: int, device: torch.device, elem: int, quantum: int, ptrs=None) -> Tiles:
+    """Tiles of the non-empty ``runs``: each run's tiles start at ``A = G - G % quantum`` (4: noise tiles
+    on Philox counters; 1: plain tiles at the tensor's start). ``ptrs[i]``: the data pointer of run i's
+    tensor (None: a flat op). ``elem``: the smallest element size of the op's buffers, in bytes."""
+    rows, tiles, aligned, first = [], 0, True, None
+    for i, (b, g, k) in enumerate(runs):
+        if k == 0:
+            continue
+        a = g - g % quantum
+        ptr = 0 if ptrs is None else ptrs[i]
+        rows.append((tiles, a, b - g, g, g + k, ptr))
+        tiles += triton.cdiv(g + k - a, block)
+        # the first tile's first lane (a), in the flat buffers and in the tensor (before it when a < g)
+        aligned = aligned and (b - (g - a)) * elem % _VECTOR_BYTES == 0 and \
+            (ptr - (g - a) * elem) % _VECTOR_BYTES == 0
+        first = i if first is None else first
+    aligned = aligned and block * elem % _VECTOR_BYTES == 0
+    if not rows:  # nothing to do (the launchers return before launching)
+        return Tiles(0, None, 0, 0, 0, 0, 0, 0, aligned, 0)
+    if len(rows) == 1:
+        _, a, shift, lo, hi, _ = rows[0]
+        return Tiles(tiles, None, 1, 0, a, shift, lo, hi, aligned, first)
+    return Tiles(tiles, _device_table(rows, device), len(rows), (len(rows) - 1).bit_length(), 0, 0, 0, 0,
+                 aligned, first)
+
+
+def _cached(key, build) -> Tiles:
     plan = _TILE_CACHE.get(key)
     if plan is not None:
         _TILE_CACHE.move_to_end(key)
         return plan
-    runs = _check_runs(runs, n)
-    rows, first = [], 0
-    for b, g, k in runs:
-        a = g - g % 4
-        rows.append((first, a, b - g, g, g + k))
-        first += triton.cdiv(g + k - a, block)
-    if len(rows) == 1:
-        _, a, shift, lo, hi = rows[0]
-        plan = Tiles(first, None, 1, 0, a, shift, lo, hi)
-    else:
-        plan = Tiles(first, _device_table(rows, device), len(rows), (len(rows) - 1).bit_length(), 0, 0, 0, 0)
-    _TILE_CACHE[key] = plan
+    plan = _TILE_CACHE[key] = build()
     if len(_TILE_CACHE) > _TILE_CACHE_SIZE:
         _TILE_CACHE.popitem(last=False)
     return plan
 
 
-def _whole(n: int, block: int) -> Tiles:
-    """One run over the whole buffer, global index = buffer position (the noise-free variants)."""
-    return Tiles(triton.cdiv(n, block), None, 1, 0, 0, 0, 0, n)
+def noise_tiles(runs, n: int, block: int, device: torch.device, elem: int = 4) -> Tiles:
+    """The (cached) noise-tile plan of a flat op over a bucket of ``n`` elements with these runs
+    (``elem``: the element size of its buffer)."""
+    runs = tuple(map(tuple, runs))
+    return _cached((runs, n, block, device, elem),
+                   lambda: _plan(_check_runs(runs, n), block, device, elem, 4))
+
+
+def list_tiles(theta, key: tuple, runs, block: int, device: torch.device, noise: bool, name: str = "theta") -> Tiles:
+    """The (cached) tile plan of an op over the ``theta`` list (``key``: its ``(data_ptr, numel)`` pairs,
+    from ``_param_list``): noise tiles over ``runs`` (one per tensor) when ``noise``, else plain tiles
+    per tensor (``runs`` checked when given, their global offsets unused)."""
+    if runs is not None:
+        runs = tuple(map(tuple, runs))
+    elem = theta[0].element_size()
+
+    def build():
+        sizes = key[1::2]
+        checked = _list_runs(runs, sizes, name) if runs is not None else None
+        if not noise:  # global index = flat position, tiles from each tensor's start
+            checked, offset = [], 0
+            for m in sizes:
+                checked.append((offset, offset, m))
+                offset += m
+        return _plan(checked, block, device, elem, 4 if noise else 1, key[0::2])
+
+    return _cached((noise, runs, key, block, device, elem), build)
+
+
+def _aligned(tiles: Tiles, *buffers) -> bool:
+    """ALIGNED: the plan's runs and every flat buffer (None: absent) start on 16 bytes."""
+    return tiles.aligned and all(b is None or b.data_ptr() % _VECTOR_BYTES == 0 for b in buffers)
 
 
 # -- checks -------------------------------------------------------------------------------------
@@ -154,6 +226,8 @@ def _scalar(name: str, t, device: torch.device) -> torch.Tensor:
 
 
 def _buffer(name: str, t: torch.Tensor, n: int, device: torch.device, dtype=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a flat buffer (one tensor), got {type(t).__name__}")
     if t.dim() != 1 or t.numel() != n or not t.is_contiguous() or t.device != device or \
             (dtype is not None and t.dtype != dtype) or t.dtype not in _FLOATS:
         want = f"{dtype}" if dtype is not None else "fp32/bf16/fp16"
@@ -162,23 +236,32 @@ def _buffer(name: str, t: torch.Tensor, n: int, device: torch.device, dtype=None
     return t
 
 
-def _tiling(runs, seed: Optional[int], n: int, device: torch.device) -> Tuple[Config, Tiles]:
-    """Block config and tiles of an op that adds noise: noise tiles over the runs, or plain tiles when
-    ``seed`` is None (no generator: the op only copies theta0)."""
-    cfg = config("noise" if seed is not None else "plain", n)
-    return cfg, noise_tiles(runs, n, cfg.block, device) if seed is not None else _whole(n, cfg.block)
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _tilt_buffers(acc, grad, theta, theta0, **scalars) -> Tuple[int, torch.device]:
-    """Checks of the tilt update and finalize: theta0 and grad like theta, A fp32, the named scalars."""
-    n, dev = theta.numel(), theta.device
-    _buffer("theta", theta, n, dev)
-    _buffer("theta0", theta0, n, dev, theta.dtype)
-    _buffer("grad", grad, n, dev, theta.dtype)
-    _buffer("acc", acc, n, dev, _F32)
-    for name, t in scalars.items():
-        _scalar(name, t, dev)
-    return n, dev
+def _param_list(name: str, theta) -> Tuple[int, torch.device, torch.dtype, tuple]:
+    """Checks of a ``theta`` list (every tensor 1-D contiguous, one float dtype and device): its total
+    length, device, dtype and cache key (the tensors' ``(data_ptr, numel)`` pairs, flattened)."""
+    if isinstance(theta, torch.Tensor) or not isinstance(theta, (list, tuple)) or not theta:
+        got = "an empty list" if isinstance(theta, (list, tuple)) else f"a {type(theta).__name__}"
+        raise TypeError(f"{name} must be a non-empty list of 1-D tensors (the parameters' storages), got {got}")
+    dev, dt = theta[0].device, theta[0].dtype
+    if dt not in _FLOATS:
+        raise ValueError(f"{name} must hold fp32, bf16 or fp16 tensors, got {dt}")
+    key, n = [], 0
+    for i, t in enumerate(theta):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.is_contiguous() or t.dtype != dt or \
+                t.device != dev:
+            got = (t.dtype, tuple(t.shape), t.stride(), t.device) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}[{i}] must be a contiguous 1-D {dt} tensor on {dev} like {name}[0], got {got}")
+        m = t.numel()
+        key += (t.data_ptr(), m)
+        n += m
+    if _INTERPRETING and dev.type == "cuda" and sum(1 for m in key[1::2] if m) > 1:
+        raise RuntimeError(f"the Triton interpreter copies a kernel's tensor arguments to the host, so it cannot "
+                           f"follow the device pointers of a {name} list of several tensors on {dev}; run the "
+                           f"interpreter on CPU tensors, or the compiled kernels on CUDA")
+    return n, dev, dt, tuple(key)
 
 
 def _seed(seed: int) -> int:
@@ -231,37 +314,39 @@ def noise_sqnorm(runs, seed: int, device: torch.device) -> torch.Tensor:
         return _finish_reduction(partials, grid, device)
 
 
-def sqnorm(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``sum((scale * x)**2)`` in fp32 (fp64 across programs)."""
-    n = x.numel()
-    _buffer("x", x, n, x.device)
+def sqnorm(x, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum((scale * x)**2)`` over the flat space of the list ``x``, in fp32 (fp64 across programs)."""
+    n, dev, dt, key = _param_list("x", x)
     if scale is not None:
-        _buffer("scale", scale, n, x.device, x.dtype)
+        _buffer("scale", scale, n, dev, dt)
     if n == 0:
-        return torch.zeros((), dtype=_F32, device=x.device)
+        return torch.zeros((), dtype=_F32, device=dev)
     cfg = config("plain", n)
-    num_tiles = triton.cdiv(n, cfg.block)
-    grid = min(num_tiles, MAX_PARTIALS)
-    partials = torch.empty(grid, dtype=_F32, device=x.device)
-    with _on_device(x.device):
-        K.sqnorm_kernel[(grid,)](partials, x, scale if scale is not None else x, n, num_tiles,
-                                 HAS_SCALE=scale is not None, BLOCK=cfg.block, num_warps=cfg.num_warps, **_EXACT)
-        return _finish_reduction(partials, grid, x.device)
+    tiles = list_tiles(x, key, None, cfg.block, dev, noise=False, name="x")
+    grid = min(tiles.num_tiles, MAX_PARTIALS)
+    partials = torch.empty(grid, dtype=_F32, device=dev)
+    x0 = x[tiles.first]
+    with _on_device(dev):
+        K.sqnorm_kernel[(grid,)](partials, x0, scale if scale is not None else x0, *tiles.args(partials),
+                                 tiles.num_tiles, HAS_SCALE=scale is not None, MULTI_RUN=tiles.multi,
+                                 ALIGNED=_aligned(tiles, scale), BLOCK=cfg.block, num_warps=cfg.num_warps,
+                                 **_EXACT)
+        return _finish_reduction(partials, grid, dev)
 
 
 def perturb(theta, theta0, runs, seed: Optional[int], coef, save_backup: bool) -> None:
-    n, dev = theta.numel(), theta.device
-    _buffer("theta", theta, n, dev)
-    _buffer("theta0", theta0, n, dev, theta.dtype)
+    n, dev, dt, key = _param_list("theta", theta)
+    _buffer("theta0", theta0, n, dev, dt)
     _scalar("coef", coef, dev)
+    cfg = config("noise" if seed is not None else "plain", n)
+    tiles = list_tiles(theta, key, runs, cfg.block, dev, noise=seed is not None)
     if n == 0:
         return
-    cfg, tiles = _tiling(runs, seed, n, dev)
     with _on_device(dev):
         K.perturb_kernel[(tiles.num_tiles,)](
-            theta, theta0, coef, _seed(seed) if seed is not None else 0, *tiles.args(theta),
+            theta[tiles.first], theta0, coef, _seed(seed) if seed is not None else 0, *tiles.args(theta0),
             SAVE_BACKUP=bool(save_backup), HAS_NOISE=seed is not None, MULTI_RUN=tiles.multi,
-            BLOCK=cfg.block, num_warps=cfg.num_warps, **_EXACT)
+            ALIGNED=_aligned(tiles, theta0), BLOCK=cfg.block, num_warps=cfg.num_warps, **_EXACT)
 
 
 def fill_noise(out, runs, seed: int, coef) -> None:
@@ -273,52 +358,67 @@ def fill_noise(out, runs, seed: int, coef) -> None:
     cfg = config("noise", n)
     tiles = noise_tiles(runs, n, cfg.block, dev)
     with _on_device(dev):
-        K.fill_noise_kernel[(tiles.num_tiles,)](out, coef, _seed(seed), *tiles.args(out),
-                                                MULTI_RUN=tiles.multi, BLOCK=cfg.block, num_warps=cfg.num_warps, **_EXACT)
+        K.fill_noise_kernel[(tiles.num_tiles,)](out, coef, _seed(seed), *tiles.args(out), MULTI_RUN=tiles.multi,
+                                                ALIGNED=_aligned(tiles, out), BLOCK=cfg.block,
+                                                num_warps=cfg.num_warps, **_EXACT)
 
 
 def leapfrog(theta, grad, kick, drift, momentum=None, precond=None) -> None:
-    n, dev = theta.numel(), theta.device
-    _buffer("theta", theta, n, dev)
-    _buffer("grad", grad, n, dev, theta.dtype)
+    n, dev, dt, key = _param_list("theta", theta)
+    _buffer("grad", grad, n, dev, dt)
     _scalar("kick", kick, dev)
     _scalar("drift", drift, dev)
     if momentum is not None:
         _buffer("momentum", momentum, n, dev, _F32)
     if precond is not None:
-        _buffer("precond", precond, n, dev, theta.dtype)
+        _buffer("precond", precond, n, dev, dt)
     if n == 0:
         return
     cfg = config("plain", n)
+    tiles = list_tiles(theta, key, None, cfg.block, dev, noise=False)
     with _on_device(dev):
-        K.leapfrog_kernel[(triton.cdiv(n, cfg.block),)](
-            theta, grad, kick, drift, momentum if momentum is not None else theta,
-            precond if precond is not None else theta, n,
-            HAS_MOMENTUM=momentum is not None, HAS_PRECOND=precond is not None,
-            BLOCK=cfg.block, num_warps=cfg.num_warps, **_EXACT)
+        K.leapfrog_kernel[(tiles.num_tiles,)](
+            theta[tiles.first], grad, kick, drift, momentum if momentum is not None else grad,
+            precond if precond is not None else grad, *tiles.args(grad),
+            HAS_MOMENTUM=momentum is not None, HAS_PRECOND=precond is not None, MULTI_RUN=tiles.multi,
+            ALIGNED=_aligned(tiles, grad, momentum, precond), BLOCK=cfg.block, num_warps=cfg.num_warps, **_EXACT)
+
+
+def _tilt_buffers(acc, grad, theta, theta0, **scalars) -> Tuple[int, torch.device, tuple]:
+    """Checks of the tilt update and finalize: theta0 and grad like theta, A fp32, the named scalars."""
+    n, dev, dt, key = _param_list("theta", theta)
+    _buffer("theta0", theta0, n, dev, dt)
+    _buffer("grad", grad, n, dev, dt)
+    _buffer("acc", acc, n, dev, _F32)
+    for name, t in scalars.items():
+        _scalar(name, t, dev)
+    return n, dev, key
 
 
 def tilt_accumulate(acc, grad, a, b, first: bool, theta, theta0, runs, seed: Optional[int], coef) -> None:
-    n, dev = _tilt_buffers(acc, grad, theta, theta0, a=a, b=b, coef=coef)
+    n, dev, key = _tilt_buffers(acc, grad, theta, theta0, a=a, b=b, coef=coef)
+    cfg = config("noise" if seed is not None else "plain", n)
+    tiles = list_tiles(theta, key, runs, cfg.block, dev, noise=seed is not None)
     if n == 0:
         return
-    cfg, tiles = _tiling(runs, seed, n, dev)
     with _on_device(dev):
         K.tilt_accumulate_kernel[(tiles.num_tiles,)](
-            acc, grad, a, b, theta, theta0, coef, _seed(seed) if seed is not None else 0, *tiles.args(theta),
-            FIRST=bool(first), HAS_NOISE=seed is not None, MULTI_RUN=tiles.multi,
-            BLOCK=cfg.block, num_warps=cfg.num_warps, **_EXACT)
+            acc, grad, a, b, theta[tiles.first], theta0, coef, _seed(seed) if seed is not None else 0,
+            *tiles.args(acc), FIRST=bool(first), HAS_NOISE=seed is not None, MULTI_RUN=tiles.multi,
+            ALIGNED=_aligned(tiles, acc, grad, theta0), BLOCK=cfg.block, num_warps=cfg.num_warps, **_EXACT)
 
 
 def finalize(acc, grad, a, b, inv_z, first: bool, theta, theta0) -> None:
-    n, dev = _tilt_buffers(acc, grad, theta, theta0, a=a, b=b, inv_z=inv_z)
+    n, dev, key = _tilt_buffers(acc, grad, theta, theta0, a=a, b=b, inv_z=inv_z)
     if n == 0:
         return
     cfg = config("plain", n)
+    tiles = list_tiles(theta, key, None, cfg.block, dev, noise=False)
     with _on_device(dev):
-        K.finalize_kernel[(triton.cdiv(n, cfg.block),)](
-            acc, grad, a, b, inv_z, theta, theta0, n, FIRST=bool(first),
-            BLOCK=cfg.block, num_warps=cfg.num_warps, **_EXACT)
+        K.finalize_kernel[(tiles.num_tiles,)](
+            acc, grad, a, b, inv_z, theta[tiles.first], theta0, *tiles.args(acc), FIRST=bool(first),
+            MULTI_RUN=tiles.multi, ALIGNED=_aligned(tiles, acc, grad, theta0), BLOCK=cfg.block,
+            num_warps=cfg.num_warps, **_EXACT)
 
 
 # -- the generator alone ----------------------------------------------------------------------------

@@ -7,6 +7,10 @@ The namespace is not ``tsam_fast``: that one holds the C++ extension's CPU kerne
 the Triton backend must work whether or not that extension is built. Both namespaces share one schema
 per op. The backend (``TritonOps``) calls the launchers directly in eager mode (a registered op costs a
 dispatcher round trip per call) and these ops while it is being compiled; both run the same launcher.
+
+The wrappers pass their arguments through unchanged (a ``theta``/``x`` list stays the list of the
+parameters' own tensors: each launcher makes one launch over all of them), except ``runs``, turned into
+``(buffer_offset, global_offset, length)`` triples.
 """
 
 from __future__ import annotations

@@ -94,9 +94,9 @@ def test_ops_inside_torch_compile():
     runs = [0, 0, n]
 
     def step(theta, theta0, grad, acc):
-        norm = _ops().sqnorm(grad, None).sqrt()
-        _ops().leapfrog(theta, grad, 0.05 / (norm + 1e-12), torch.ones(()), None, None)
-        _ops().tilt_accumulate(acc, grad, torch.ones(()), torch.ones(()), True, theta, theta0, runs, 11,
+        norm = _ops().sqnorm([grad], None).sqrt()
+        _ops().leapfrog([theta], grad, 0.05 / (norm + 1e-12), torch.ones(()), None, None)
+        _ops().tilt_accumulate(acc, grad, torch.ones(()), torch.ones(()), True, [theta], theta0, runs, 11,
                                torch.full((), 0.1))
         return norm
 
@@ -111,12 +111,20 @@ def test_ops_inside_torch_compile():
 
 def test_invalid_runs_raise():
     with pytest.raises(RuntimeError, match="out of order"):
-        _ops().perturb(torch.zeros(10), torch.zeros(10), [5, 0, 5, 0, 100, 5], 1, _s(1.0), False)
+        _ops().fill_noise(torch.zeros(10), [5, 0, 5, 0, 100, 5], 1, _s(1.0))
+    with pytest.raises(RuntimeError, match="is not tensor 0's"):
+        _ops().perturb([torch.zeros(5), torch.zeros(5)], torch.zeros(10), [5, 0, 5, 0, 100, 5], 1, _s(1.0), False)
+    with pytest.raises(RuntimeError, match="one run per tensor"):
+        _ops().perturb([torch.zeros(5), torch.zeros(5)], torch.zeros(10), [0, 0, 10], 1, _s(1.0), False)
+    with pytest.raises(RuntimeError, match="one dtype per list"):
+        _ops().leapfrog([torch.zeros(5), torch.zeros(5, dtype=torch.bfloat16)], torch.zeros(10), _s(1.0), _s(1.0))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _ops().leapfrog([torch.zeros(4, 2).t()], torch.zeros(8), _s(1.0), _s(1.0))
     with pytest.raises(RuntimeError, match="triples"):
         _ops().fill_noise(torch.zeros(10), [0, 0], 1, _s(1.0))
     with pytest.raises(RuntimeError, match="float32"):
         _ops().tilt_accumulate(torch.zeros(4, dtype=torch.float16), torch.zeros(4), _s(1.0), _s(1.0), True,
-                               torch.zeros(4), torch.zeros(4), [0, 0, 4], 1, _s(1.0))
+                               [torch.zeros(4)], torch.zeros(4), [0, 0, 4], 1, _s(1.0))
     with pytest.raises(RuntimeError, match="runs on the CPU"):
         _ops().noise_sqnorm([0, 0, 4], 1, torch.device("meta"))
 
@@ -128,7 +136,7 @@ _PROBE_CPP = r"""
 #include <torch/library.h>
 namespace {
 void fill_noise(const at::Tensor& out, c10::IntArrayRef runs, int64_t seed, const at::Tensor& coef) { out.fill_(7); }
-void perturb(const at::Tensor& theta, const at::Tensor& theta0, c10::IntArrayRef runs, double seed,
+void perturb(at::TensorList theta, const at::Tensor& theta0, c10::IntArrayRef runs, double seed,
              const at::Tensor& coef, bool save_backup) {}
 }
 TORCH_LIBRARY_IMPL(tsam_fast_probe_ok, CPU, m) { m.impl("fill_noise", &fill_noise); }
@@ -181,10 +189,10 @@ def test_cpp_kernels_are_checked_against_the_table(tmp_path):
 
 def test_run_gaps_get_no_noise():
     """Buffer elements outside every run get xi = 0 (defined behaviour; the optimizer never leaves gaps)."""
-    theta, theta0 = torch.zeros(12), torch.randn(12)
-    _ops().perturb(theta, theta0, [0, 0, 4, 8, 100, 4], 3, _s(1.0), False)
-    assert torch.equal(theta[4:8], theta0[4:8])
-    assert not torch.equal(theta[:4], theta0[:4])
+    out = torch.ones(12)
+    _ops().fill_noise(out, [0, 0, 4, 8, 100, 4], 3, _s(1.0))
+    assert torch.equal(out[4:8], torch.zeros(4))
+    assert (out[:4] != 0).all() and (out[8:] != 0).all()
 
 
 # ---- the noise -------------------------------------------------------------------------------------
@@ -244,10 +252,11 @@ def _all_ops(dtype, n=200_003, seed=99):
     g = torch.Generator().manual_seed(5)
     r = lambda dt=dtype: torch.randn(n, generator=g).to(dt)  # noqa: E731
     runs = [0, 7, n // 3, n // 3, 10**6 + 1, n - n // 3]
-    theta, theta0, grad, acc, v, pre = r(), r(), r(), r(torch.float32), r(torch.float32), r()
+    flat, theta0, grad, acc, v, pre = r(), r(), r(), r(torch.float32), r(torch.float32), r()
+    theta = [flat[:n // 3], flat[n // 3:]]  # two parameters, one run each
     cpu = torch.device("cpu")
     out = [_ops().noise_sqnorm(runs, seed, cpu), _ops().noise_sqnorm(runs, seed + 1, cpu),
-           _ops().sqnorm(grad, None), _ops().sqnorm(grad, pre)]
+           _ops().sqnorm([grad], None), _ops().sqnorm(theta, pre)]
     _ops().perturb(theta, theta0, runs, seed, _s(0.3), True)
     _ops().leapfrog(theta, grad, _s(0.1), _s(1.0), None, pre)
     _ops().leapfrog(theta, grad, _s(0.1), _s(0.5), v, None)
@@ -255,7 +264,7 @@ def _all_ops(dtype, n=200_003, seed=99):
     noise = torch.empty(n)
     _ops().fill_noise(noise, runs, seed + 2, _s(1.5))
     _ops().finalize(acc, grad, _s(0.6), _s(0.3), _s(0.4), False, theta, theta0)
-    return out + [theta, theta0, grad, acc, v, noise]
+    return out + [flat, theta0, grad, acc, v, noise]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])

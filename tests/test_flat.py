@@ -1,4 +1,5 @@
-"""Flat buffers: views, frozen/tied/zero-size/odd-layout parameters, gradients across closure calls."""
+"""The layout: parameters keep their storage (frozen, tied, zero-size, odd-layout and strided ones), the
+flat gradient buffer, gradients across closure calls, tensors replaced between steps."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Odd(nn.Module):
         self.frozen = nn.Linear(4, 4)
         self.frozen.requires_grad_(False)
         self.t = nn.Parameter(torch.randn(4, 4).t())  # non-contiguous (transposed) parameter
+        self.strided = nn.Parameter(torch.randn(4, 8)[:, ::2])  # not dense: worked on through a copy of ours
         self.empty = nn.Parameter(torch.randn(0, 3))
         self.unused = nn.Parameter(torch.randn(7))
         self.emb = nn.Embedding(10, 4)
@@ -30,7 +32,7 @@ class Odd(nn.Module):
 
     def forward(self, img, tok):
         h = self.conv(img).mean(dim=(2, 3))
-        h = self.frozen(h) @ self.t + self.empty.sum()
+        h = self.frozen(h) @ self.t @ self.strided + self.empty.sum()
         return self.head(h + self.emb(tok))
 
 
@@ -78,24 +80,33 @@ def test_awkward_parameters_match_naive(zero_grad):
         if impl == "tsam":
             assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
             assert model.t.stride() == (1, 4)
+            assert model.strided.stride() == (8, 2)
             assert model.head.weight is model.emb.weight
             assert model.unused not in opt.state
     for a, b in zip(*results):
         assert_close(a, b, rtol=1e-5, atol=1e-6, what="awkward parameters")
 
 
-def test_params_and_grads_are_views_of_flat_buffers():
-    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 2))
+def test_parameters_keep_their_storage_and_grads_view_the_buffer():
+    torch.manual_seed(0)
+    model = Odd()
+    storages = {name: (p.data_ptr(), p.untyped_storage().data_ptr(), p.stride()) for name, p in model.named_parameters()}
+    img, tok = odd_data()
     opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="reference")
-    x = torch.randn(4, 5)
-    opt.step(lambda: (l := model(x).square().mean()).backward() or l)
+    for _ in range(2):
+        opt.step(odd_closure(model, img, tok))
+        assert {n: (p.data_ptr(), p.untyped_storage().data_ptr(), p.stride())
+                for n, p in model.named_parameters()} == storages, "a parameter was re-pointed"
     (bucket,) = opt._layout.buckets
-    base = bucket.param.untyped_storage().data_ptr()
     gbase = bucket.grad.untyped_storage().data_ptr()
-    for p in model.parameters():
-        assert p.untyped_storage().data_ptr() == base
-        assert p.grad.untyped_storage().data_ptr() == gbase
-    assert bucket.runs == ((0, 0, sum(p.numel() for p in model.parameters())),)
+    for p in bucket.params:
+        if p.grad is not None:
+            assert p.grad.untyped_storage().data_ptr() == gbase
+    # one run per parameter (the ops' list), merged runs for the noise norms
+    assert len(bucket.runs) == len(bucket.params) == len(bucket.theta)
+    assert [r[2] for r in bucket.runs] == [p.numel() for p in bucket.params]
+    assert sum(r[2] for r in bucket.noise_runs) == bucket.numel and len(bucket.noise_runs) < len(bucket.runs)
+    assert len(bucket.staged) == 1 and bucket.staged[0][0] is model.strided
 
 
 def test_noise_does_not_depend_on_bucketing():
@@ -132,24 +143,49 @@ def test_noise_does_not_depend_on_bucketing():
         offset += p.numel()
 
 
-def test_moved_or_cast_parameters_raise():
-    model = nn.Linear(4, 2)
-    opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="reference")
+def _sum_closure(model, x):
+    return lambda: (l := model(x).sum()).backward() or l  # noqa: E731
+
+
+@pytest.mark.parametrize("change", ["double", "assign-data", "vector_to_parameters"])
+def test_replaced_tensors_are_trained_as_torch_optim_trains_them(change):
+    """A parameter object whose tensor was replaced after steps (``model.double()``, ``p.data = ...``,
+    ``vector_to_parameters``) is trained in its new tensor, as plain SGD trains it: the layout is rebuilt
+    over the tensors as they are (docs/design.md §5)."""
     x = torch.randn(3, 4)
-    closure = lambda: (l := model(x).sum()).backward() or l  # noqa: E731
-    opt.step(closure)
-    model.double()
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match="no longer views TSAM's flat buffer"):
-        opt.step(lambda: (l := model(x.double()).sum()).backward() or l)
-    for p, q in zip(model.parameters(), before):
-        assert torch.equal(p, q)
-    model2 = nn.Linear(4, 2)
-    opt2 = TSAM(model2.parameters(), torch.optim.SGD, lr=0.1, backend="reference")
-    opt2.step(lambda: (l := model2(x).sum()).backward() or l)
-    model2.weight.data = model2.weight.data.clone()
-    with pytest.raises(RuntimeError, match="assigning p.data"):
-        opt2.step(lambda: (l := model2(x).sum()).backward() or l)
+    results = []
+    for impl in ("tsam", "sgd"):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        if impl == "tsam":
+            opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.0, num_samples=1, start="none",
+                       backend="reference")
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(inputs):
+            if impl == "sgd":
+                opt.zero_grad()
+            return opt.step(_sum_closure(model, inputs))
+        step(x)
+        if change == "double":
+            model.double()
+            inputs = x.double()
+        elif change == "assign-data":
+            model.weight.data = model.weight.data.clone() * 2
+            inputs = x
+        else:
+            vec = torch.nn.utils.parameters_to_vector(model.parameters())
+            torch.nn.utils.vector_to_parameters(vec * 0.5, model.parameters())
+            inputs = x
+        ptrs = [p.data_ptr() for p in model.parameters()]
+        step(inputs)
+        step(inputs)
+        assert [p.data_ptr() for p in model.parameters()] == ptrs  # trained where the model has them now
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        assert_close(a, b, rtol=1e-6, atol=1e-7, what=f"after {change}")
 
 
 def test_freezing_and_adding_groups_repack():

@@ -4,8 +4,7 @@ and a shard of every parameter, and the result equals one unsharded process on t
 The model has a parameter whose first dimension does not divide by the world size (15 rows: 8 and 7), one
 whose rows are fewer than the ranks' share (1 row: rank 1's shard is empty) and a frozen parameter. One
 spawn of 2 ranks trains every case of ``CASES`` (sampler, start, groups, clipping, adaptive, tilt schedule, relative radius,
-the closure-free loop, HSDP, bf16 mixed precision, both shard buffer layouts; ``auto`` is ``in_place``
-on the CPU); the parent process trains
+the closure-free loop, HSDP, bf16 mixed precision); the parent process trains
 the same cases unsharded and compares. Checkpoints go through ``torch.distributed.checkpoint``.
 """
 
@@ -62,13 +61,12 @@ def _schedule(step):
 # API), "mesh" (HSDP's (replicate, shard) sizes), "bf16" (MixedPrecisionPolicy), "rtol" (vs fp32 unsharded)
 CASES: Dict[str, Dict[str, Any]] = {
     "ascent": dict(),
-    "packed-shards": dict(shard_buffers="packed", sampler="hmc"),
+    "hmc": dict(sampler="hmc"),
     "random-ball": dict(sampler="random", start="ball"),
     "hmc-sphere": dict(sampler="hmc", start="sphere", hmc_steps=2),
     "groups-clip-adaptive": dict(max_grad_norm=0.5, adaptive=True, run=dict(groups=True)),
     "tilt-schedule-delta": dict(tilt=_schedule, delta=0.5, start="none"),
     "reference-backend": dict(backend="reference", sampler="random"),
-    "in-place-shards": dict(shard_buffers="in_place"),
     "closure-free-loop": dict(sampler="hmc", run=dict(loop=True)),
     "hsdp-2x1": dict(run=dict(mesh=(2, 1))),
     "relative-radius": dict(radius_mode="relative", radius=0.02, start="sphere", sampler="random"),
@@ -206,7 +204,7 @@ def test_fsdp2_matches_one_unsharded_process(sharded_runs, unsharded_runs, name)
 def test_fsdp2_extra_memory_is_the_local_shards(sharded_runs, unsharded_runs):
     """theta0 and the accumulator of the local shard only: the ranks' extra bytes add up to the unsharded
     optimizer's, each rank about half (rank 0 holds the larger halves of the uneven parameters)."""
-    for name in ("ascent", "packed-shards", "in-place-shards"):
+    for name in ("ascent", "hmc"):
         total = unsharded_runs[name]["memory"]
         mine = [rank[name]["memory"] for rank in sharded_runs]
         assert sum(mine) == total, (mine, total)

@@ -48,20 +48,32 @@ def _equal(got, want, what):
             raise AssertionError(f"{what}: {int((~same).sum())} of {w.numel()} elements differ; first: {rows}")
 
 
+def _clone(a):
+    if isinstance(a, list):
+        return [t.clone() for t in a]
+    return a.clone() if isinstance(a, torch.Tensor) else a
+
+
 def _run(ops, name, args):
-    """``name`` of ``ops`` on a private copy of ``args``: its result, or the buffers it wrote."""
-    args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    """``name`` of ``ops`` on a private copy of ``args``: its result, or the buffers it wrote (a written
+    parameter list as the tensors of the list)."""
+    args = tuple(_clone(a) for a in args)
     spec = contract.SPECS[name]
     result = getattr(ops, name)(*args)
     if spec.returns_tensor:
         return [result]
-    return [args[spec.arg_names.index(m)] for m in spec.mutated if args[spec.arg_names.index(m)] is not None]
+    out = []
+    for m in spec.mutated:
+        a = args[spec.arg_names.index(m)]
+        out.extend(a if isinstance(a, list) else [] if a is None else [a])
+    return out
 
 
 def _args(name, case, n, dtype, **kw):
     args = contract.SPECS[name].args(n, dtype, "cpu", case, **kw)
     if dtype == torch.float64:  # float64 buckets keep A and v in float64 (docs/design.md §7)
-        args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() else a
+        args = tuple([t.double() for t in a] if isinstance(a, list) else
+                     a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() else a
                      for a in args)
     return args
 
@@ -158,12 +170,16 @@ def test_failed_compile_falls_back_eager_and_says_why(small_chunks, monkeypatch)
 
 
 class _Bucket:
-    """What FastReferenceBackend reads of a bucket."""
+    """What FastReferenceBackend reads of a bucket: its parameter list, runs and flat buffers."""
 
-    def __init__(self, n, runs, dtype=torch.float32):
-        self.param, self.backup = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
-        self.grad, self.acc = torch.randn(n).to(dtype), torch.randn(n)
-        self.runs, self.device, self.dtype = runs, torch.device("cpu"), dtype
+    def __init__(self, runs, dtype=torch.float32):
+        sizes = [n for _, _, n in runs]
+        n = sum(sizes)
+        self.theta = [torch.randn(k).to(dtype) for k in sizes]
+        self.backup, self.grad, self.acc = torch.randn(n).to(dtype), torch.randn(n).to(dtype), torch.randn(n)
+        self.grads, self.numel = [self.grad], n
+        self.runs = self.noise_runs = runs
+        self.device, self.dtype = torch.device("cpu"), dtype
 
     def publish(self):
         pass
@@ -172,8 +188,8 @@ class _Bucket:
 def test_kept_noise_is_the_noise_of_its_seed(small_chunks):
     """noise_sqnorm keeps the bucket's noise; the perturb of the same seed uses it, another seed does not."""
     backend = FastReferenceBackend(FastReferenceOps(NoiseGenerator(compile=False)))
-    runs = ((0, 13, 150), (200, 1500, 189))  # a gap at 150..199: no noise there
-    b = _Bucket(389, runs)
+    runs = ((0, 13, 150), (150, 777, 50), (200, 1500, 189))  # three parameters, global indices jumping
+    b = _Bucket(runs)
     flat = contract.flat_runs(runs)
     coef = torch.tensor(0.37)
     for seed in (2**40 + 1, 77):
@@ -181,12 +197,12 @@ def test_kept_noise_is_the_noise_of_its_seed(small_chunks):
         _equal(backend.noise_sqnorm(b, seed), want_sq, "kept noise_sqnorm")
         assert backend.held_bytes() == (4 + 8) * 389  # fp32 noise, fp64 squares
         for use in (seed, seed + 1):  # the kept seed, and one that must be generated afresh
-            theta, theta0 = b.param.clone(), b.backup.clone()
+            theta, theta0 = [t.clone() for t in b.theta], b.backup.clone()
             ORACLE.perturb(theta, theta0, flat, use, coef, False)
             backend.perturb(b, use, coef)
-            _equal(b.param, theta, f"perturb seed {use} after noise_sqnorm({seed})")
-        _equal(backend.grad_sqnorm(b, adaptive=True), ORACLE.sqnorm(b.grad, b.backup), "grad_sqnorm")
-    other = _Bucket(97, ((0, 0, 97),))
+            _equal(b.theta, theta, f"perturb seed {use} after noise_sqnorm({seed})")
+        _equal(backend.grad_sqnorm(b, adaptive=True), ORACLE.sqnorm([b.grad], b.backup), "grad_sqnorm")
+    other = _Bucket(((0, 0, 97),))
     backend.noise_sqnorm(other, 5)
     assert backend.held_bytes([b]) == (4 + 8) * 389 and backend.held_bytes() == (4 + 8) * (389 + 97)
     del b, other
@@ -195,7 +211,7 @@ def test_kept_noise_is_the_noise_of_its_seed(small_chunks):
 
 def test_small_buckets_hold_nothing():
     backend = FastReferenceBackend(FastReferenceOps(NoiseGenerator(compile=False)))
-    b = _Bucket(ref_mod.KEEP_MIN - 1, ((0, 3, ref_mod.KEEP_MIN - 1),))
+    b = _Bucket(((0, 3, ref_mod.KEEP_MIN - 1),))
     _equal(backend.noise_sqnorm(b, 8), ORACLE.noise_sqnorm(contract.flat_runs(b.runs), 8, "cpu"), "small bucket")
     assert backend.held_bytes() == 0
 

@@ -242,7 +242,7 @@ def test_tied_embeddings_in_a_gpt():
             assert len(layout.params) == len(unique) and len({id(p) for p in layout.params}) == len(unique)
             assert layout.trainable_numel == sum(p.numel() for p in unique)
             (bucket,) = layout.buckets
-            assert model.tok.weight.untyped_storage().data_ptr() == bucket.param.untyped_storage().data_ptr()
+            assert sum(p is model.tok.weight for p in bucket.params) == 1  # the tied weight: worked on once
         runs.append(list(model.parameters()))
     for p, q in zip(*runs):
         assert_close(p, q, rtol=1e-5, atol=1e-6, what="tied GPT")

@@ -548,8 +548,7 @@ class StepRun:
         self.layout.active = False
         if self._backed_up:
             for b in self.buckets:
-                b.param.copy_(b.backup)
-                b.publish()
+                b.restore()
         for p in self.layout.params:
             p.grad = None
         self._release()
@@ -768,7 +767,7 @@ class StepRun:
         if cfg.shared_ascent:
             self._ascend(self.guard.ascent_step(got.get("ascent", got["g0"])))
             for s in self.slots:
-                s.bucket.anchor.copy_(s.bucket.param)
+                s.bucket.gather(s.bucket.anchor)
         self._move_to(0, seed, self._coefs(0, got.get("noise")))
 
     # -- the periodic tilt (``tilt_every``, docs/design.md §9) --------------------------------------------

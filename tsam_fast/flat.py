@@ -1,26 +1,34 @@
-"""Flat parameter buffers: the parameters of each (param group, device, dtype) packed into one buffer.
+"""The layout of a step: each (param group, device, dtype) bucket's parameters and the optimizer's flat
+buffers beside them (docs/design.md §5).
 
-After packing, ``p.data`` and ``p.grad`` of every trainable parameter are views into the bucket's
-flat ``param`` and ``grad`` buffers, so each op of the contract is one pass over all of them.
+Parameters keep their own storage. TSAM never re-points ``p.data``: the ops take the bucket's parameters
+as a list of tensors, each parameter's storage seen flat (``storage_view``), and write them in place, one
+dispatch per op over the whole list. What the optimizer owns lives in flat buffers of the bucket's length:
+theta0 (``backup``), the tilt accumulator, HMC's momentum, ``shared_ascent``'s anchor, ``tilt_every``'s
+cache, and the gradient.
 
 What the layout guarantees:
 
-* A parameter keeps its memory format when it is dense (contiguous, channels_last, ...): the view has
-  its original strides. Other layouts are packed contiguously.
-* Global element indices (the noise counters) follow param-group order, then parameter order, over
-  every parameter of the optimizer, frozen ones included, so a parameter's noise does not depend on
-  how parameters are bucketed and does not change when another layer is frozen or unfrozen.
-* Frozen parameters (``requires_grad=False``) are not packed and never move. A parameter object
-  reached twice (tied weights) is packed once.
-* A gradient hook records which parameters received a gradient in each closure call (a parameter
+* A user's tensors stay theirs: a checkpoint, a sub-module's state dict, a Hogwild worker's shared
+  parameters or ``vector_to_parameters`` see exactly what plain ``torch.optim`` would leave.
+* Global element indices (the noise counters) follow param-group order, then parameter order, over every
+  parameter of the optimizer, frozen ones included, so a parameter's noise does not depend on how
+  parameters are bucketed and does not change when another layer is frozen or unfrozen. Element ``k`` of
+  a dense parameter is the ``k``-th element of its storage (its memory format kept, channels_last
+  included); a parameter that is not dense (a strided view) is worked on through a contiguous copy of
+  ours, row-major, written back after every move.
+* Frozen parameters (``requires_grad=False``) are never touched. A parameter object reached twice (tied
+  weights) is worked on once.
+* Gradients are views of the bucket's flat ``grad`` (as DDP's ``gradient_as_bucket_view``): the ops read
+  one buffer. A gradient hook records which parameters received a gradient in each evaluation (a parameter
   that received none in a whole step gets ``grad = None`` so the base optimizer skips it) and rejects
-  sparse gradients before they are silently densified.
-* If a parameter's ``.data`` no longer views the buffer (``model.to()``, ``.half()``, assignment), the
-  next step raises instead of training a stale copy.
-* FSDP2 (``fully_shard``) parameters are the exception to the views: their storage must stay FSDP's, so
-  a bucket holds their local shards (copied through a packed buffer, or in place), its noise runs start at
-  each element's index in the unsharded parameter, and ``p.grad`` is a DTensor over the flat gradient
-  (docs/design.md §6). Other sharded parameters are rejected.
+  sparse gradients; a gradient the user set to None or replaced is brought back into the buffer.
+* If a parameter's storage, dtype, device or shape changed since the layout was built (``p.data = ...``,
+  ``model.to()``, ``vector_to_parameters``), ``stale()`` names it and the optimizer rebuilds the layout
+  before the next step, as ``torch.optim`` simply goes on with the new tensor.
+* FSDP2 (``fully_shard``) parameters: the list holds their local shards, FSDP's own storage; their noise
+  runs start at each element's index in the unsharded parameter, and ``p.grad`` is a DTensor over the flat
+  gradient (docs/design.md §6). Other sharded parameters are rejected.
 """
 
 from __future__ import annotations
@@ -155,14 +163,13 @@ def _fsdp_modules_of(params) -> list:
 
 
 class Bucket:
-    """One (param group, device, dtype) bucket: flat buffers and the parameters viewing them.
+    """One (param group, device, dtype) bucket: its parameters as the ops' list, and the flat buffers.
 
-    A bucket of sharded (FSDP2) parameters holds their local shards. ``packed`` (the default): ``param`` is
-    a flat buffer of ours that the shards are copied into at the start of a step (:meth:`pull`) and out of
-    after every move (:meth:`publish`), since the shards' storage must stay FSDP's; ``in_place``: one
-    bucket per parameter whose ``param`` *is* the local shard's storage (no copies, one op launch per
-    parameter). Gradients are zero-copy either way: ``p.grad`` is a DTensor over a view of ``grad``,
-    into which FSDP2 accumulates the reduce-scattered gradient."""
+    ``theta``: what the ops write, one 1-D tensor per parameter (its storage seen flat; a staging copy for
+    a parameter that is not dense, copied in by :meth:`pull` at a step's start and out by :meth:`publish`
+    after every move). ``runs``: one ``(flat offset, global offset, length)`` triple per parameter, the
+    ops' runs; ``noise_runs``: the same elements merged into maximal runs (what the norms of the noise
+    are summed over, so a norm does not depend on where the parameters' boundaries fall)."""
 
     def __init__(self, group_index: int, device: torch.device, dtype: torch.dtype,
                  shard_group: Optional[object] = None):
@@ -171,17 +178,20 @@ class Bucket:
         self.dtype = dtype
         #: the process group of the shard dimension (sums over the bucket are partial), or None
         self.shard_group = shard_group
-        self.in_place = False  # a sharded bucket over one local shard's own storage
         self.params: List[torch.Tensor] = []
         self.indices: List[int] = []  # positions of self.params in FlatLayout.params
-        self.param_views: List[torch.Tensor] = []
+        self.theta: List[torch.Tensor] = []
         self.grad_views: List[torch.Tensor] = []
-        self.shards: List[torch.Tensor] = []  # packed sharded bucket: FSDP's local shards, by param_views
+        self.keys: List[tuple] = []  # what each parameter's storage was when the layout was built
+        self.staged: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, our contiguous copy)
         self.runs: Tuple[Tuple[int, int, int], ...] = ()
+        self.noise_runs: Tuple[Tuple[int, int, int], ...] = ()
+        self.sizes: List[int] = []
         self.numel = 0
-        self.param: torch.Tensor = torch.empty(0)
         self.grad: torch.Tensor = torch.empty(0)
+        self.grads: List[torch.Tensor] = []  # [grad]: the flat gradient as the ops' one-tensor list
         self.backup: Optional[torch.Tensor] = None
+        self.backup_parts: List[torch.Tensor] = []  # theta0 split like theta
         self.acc: Optional[torch.Tensor] = None
         self.momentum: Optional[torch.Tensor] = None
         self.anchor: Optional[torch.Tensor] = None
@@ -192,38 +202,68 @@ class Bucket:
         return self.shard_group is not None
 
     def pull(self) -> None:
-        """Packed sharded bucket: the local shards (moved by the base optimizer) into ``param``."""
-        if self.shards:
-            torch._foreach_copy_(self.param_views, self.shards)
+        """Parameters that are not dense: their values (moved by the base optimizer) into our copies."""
+        for p, stage in self.staged:
+            stage.copy_(p.detach())
 
     def publish(self) -> None:
-        """Packed sharded bucket: ``param`` out to the local shards, where FSDP's all-gather reads them."""
-        if self.shards:
-            torch._foreach_copy_(self.shards, self.param_views)
+        """Parameters that are not dense: our copies' moved values back into them."""
+        for p, stage in self.staged:
+            p.detach().copy_(stage)
+
+    def restore(self) -> None:
+        """theta <- theta0, exactly: the end of an abandoned step."""
+        torch._foreach_copy_(self.theta, self.backup_parts)
+        self.publish()
+
+    def gather(self, out: torch.Tensor) -> None:
+        """``out`` (a flat buffer of ours) <- the parameters' current values."""
+        torch._foreach_copy_(list(out.split(self.sizes)), self.theta)
 
     def ensure_state(self, need_momentum: bool, need_anchor: bool = False, need_cache: bool = False) -> None:
         """Allocate theta0 (parameter dtype), A and, for HMC, v (fp32; float64 for a float64 bucket), and for
         ``shared_ascent`` the ascended point the starts are drawn around (parameter dtype): the only extra
-        memory."""
+        memory besides the gradient."""
         wide = torch.float64 if self.dtype == torch.float64 else torch.float32
         if self.backup is None:
-            self.backup = torch.empty_like(self.param)
+            self.backup = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            self.backup_parts = list(self.backup.split(self.sizes))
             self.acc = torch.empty(self.numel, dtype=wide, device=self.device)
         if need_momentum and self.momentum is None:
             self.momentum = torch.empty(self.numel, dtype=wide, device=self.device)
         if need_anchor and self.anchor is None:
-            self.anchor = torch.empty_like(self.param)
+            self.anchor = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         if need_cache and self.cache is None:  # tilt_every > 1: g0, then the cached correction
-            self.cache = torch.empty_like(self.param)
+            self.cache = torch.empty(self.numel, dtype=self.dtype, device=self.device)
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.backup, self.acc, self.momentum, self.anchor,
-                                                          self.cache) if t is not None)
+        """The optimizer's own buffers: theta0, A, v, the anchor, the cache and staging copies (the gradient
+        buffer is the parameters' gradients, which any optimizer has)."""
+        own = [self.backup, self.acc, self.momentum, self.anchor, self.cache] + [s for _, s in self.staged]
+        return sum(t.numel() * t.element_size() for t in own if t is not None)
 
 
 def _storage_strides(p: torch.Tensor) -> Tuple[int, ...]:
     """``p``'s strides if it is dense and non-overlapping (memory format kept), else contiguous ones."""
     return torch.empty_like(p, device="meta").stride()
+
+
+def storage_view(p: torch.Tensor) -> Optional[torch.Tensor]:
+    """``p``'s elements as a 1-D contiguous view of its own storage, in memory order (channels_last and
+    other dense layouts included), or None if ``p`` is not dense and non-overlapping (a strided view)."""
+    t = p.detach()
+    if t.is_contiguous():
+        return t.view(-1)
+    if _storage_strides(t) != t.stride():
+        return None
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _key(p: torch.Tensor, sharded: bool) -> tuple:
+    """What ``stale`` compares: the storage a parameter (a sharded one's local shard) works in, and its
+    dtype, device and shape."""
+    local = p.to_local() if sharded else p
+    return (local.data_ptr(), p.dtype, p.device, tuple(p.shape))
 
 
 def _merge_runs(runs: List[Tuple[int, int, int]]) -> Tuple[Tuple[int, int, int], ...]:
@@ -239,9 +279,9 @@ def _merge_runs(runs: List[Tuple[int, int, int]]) -> Tuple[Tuple[int, int, int],
 
 
 class FlatLayout:
-    """Packs the trainable parameters of ``param_groups`` into flat buckets and keeps them honest."""
+    """The buckets of ``param_groups``' trainable parameters, their gradient buffers and hooks."""
 
-    def __init__(self, param_groups, names: Optional[Dict[int, str]] = None, shards: str = "auto"):
+    def __init__(self, param_groups, names: Optional[Dict[int, str]] = None):
         self.active = False
         self.signature = self.signature_of(param_groups)
         self.params: List[torch.Tensor] = []
@@ -265,13 +305,9 @@ class FlatLayout:
                 if p.requires_grad:
                     if sharding is not None:
                         self._check_mesh(sharding, name)
-                        in_place = shards == "in_place" or (shards == "auto" and p.device.type != "cuda")
-                        key = (gi, p.device, p.dtype, "sharded", id(p) if in_place else None)
-                    else:
-                        key = (gi, p.device, p.dtype)
+                    key = (gi, p.device, p.dtype, sharding is not None)
                     if key not in by_key:
                         by_key[key] = Bucket(gi, p.device, p.dtype, sharding.group if sharding else None)
-                        by_key[key].in_place = len(key) > 3 and key[4] is not None
                         self.buckets.append(by_key[key])
                     pending.setdefault(id(by_key[key]), []).append((p, global_offset, sharding))
                     self.names.append(name)
@@ -323,95 +359,63 @@ class FlatLayout:
         return {i for b in self.buckets if b.sharded for i in b.indices}
 
     def _pack(self, bucket: Bucket, members, index_of) -> None:
-        if bucket.sharded:  # a bucket per parameter: in place; several: packed
-            self._pack_shards(bucket, members, index_of, in_place=len(members) == 1 and bucket.in_place)
-            return
-        runs = []
-        offset = 0
-        for p, glob, _ in members:
-            runs.append((offset, glob, p.numel()))
-            offset += p.numel()
-        bucket.numel = offset
-        bucket.runs = _merge_runs(runs)
-        bucket.param = torch.empty(offset, dtype=bucket.dtype, device=bucket.device)
-        bucket.grad = torch.zeros(offset, dtype=bucket.dtype, device=bucket.device)
-        offset = 0
-        for p, _, _ in members:
-            strides = _storage_strides(p)
-            view = bucket.param.as_strided(p.shape, strides, offset)
-            gview = bucket.grad.as_strided(p.shape, strides, offset)
-            view.copy_(p.detach())
-            if p.grad is not None:
-                gview.copy_(p.grad)
-            p.data = view
-            if p.grad is not None:
-                p.grad = gview
-            self._member(bucket, p, view, gview, index_of)
-            offset += p.numel()
-
-    def _pack_shards(self, bucket: Bucket, members, index_of, in_place: bool) -> None:
-        """Local shards: the noise counters are the elements' indices in the unsharded parameter, so the
-        perturbation does not depend on the world size or the sharding (docs/design.md §6)."""
-        from torch.distributed.tensor import DTensor
+        """The bucket's list, runs and gradient views. A local shard's noise counters are its elements'
+        indices in the unsharded parameter, so the perturbation does not depend on the world size or the
+        sharding (docs/design.md §6)."""
         runs = []
         offset = 0
         for p, glob, sh in members:
-            row = math.prod(p.shape[1:])
-            runs.append((offset, glob + sh.row_start * row, sh.local.numel()))
-            offset += sh.local.numel()
+            n = sh.local.numel() if sh is not None else p.numel()
+            start = glob + sh.row_start * math.prod(p.shape[1:]) if sh is not None else glob
+            runs.append((offset, start, n))
+            bucket.sizes.append(n)
+            offset += n
         bucket.numel = offset
-        bucket.runs = _merge_runs(runs)
-        if in_place:  # the one member's shard is the buffer
-            bucket.param = members[0][2].local.view(-1)
-        else:
-            bucket.param = torch.empty(offset, dtype=bucket.dtype, device=bucket.device)
+        bucket.runs = tuple(runs)
+        bucket.noise_runs = _merge_runs(runs)
         bucket.grad = torch.zeros(offset, dtype=bucket.dtype, device=bucket.device)
+        bucket.grads = [bucket.grad]
         offset = 0
         for p, _, sh in members:
-            n, shape = sh.local.numel(), sh.local.shape
-            view = bucket.param[offset:offset + n].view(shape)
-            gview = DTensor.from_local(bucket.grad[offset:offset + n].view(shape), sh.mesh, sh.placements,
-                                       shape=p.shape, stride=p.stride(), run_check=False)
-            if not in_place:
-                view.copy_(sh.local)
-                bucket.shards.append(sh.local)
+            n = bucket.sizes[len(bucket.theta)]
+            if sh is not None:  # FSDP's local shard: contiguous (sharding_of checked it)
+                from torch.distributed.tensor import DTensor
+                theta = sh.local.view(-1)
+                gview = DTensor.from_local(bucket.grad[offset:offset + n].view(sh.local.shape), sh.mesh,
+                                           sh.placements, shape=p.shape, stride=p.stride(), run_check=False)
+            else:
+                theta = storage_view(p)
+                strides = p.stride() if theta is not None else _storage_strides(p)
+                if theta is None:  # not dense: a contiguous copy of ours, written back after every move
+                    stage = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                    stage.copy_(p.detach())
+                    bucket.staged.append((p, stage))
+                    theta = stage.view(-1)
+                gview = bucket.grad.as_strided(p.shape, strides, offset)
             if p.grad is not None:
-                gview.to_local().copy_(p.grad.to_local())
+                (gview.to_local() if sh is not None else gview).copy_(p.grad.to_local() if sh is not None else p.grad)
                 p.grad = gview
-            self._member(bucket, p, view, gview, index_of)
+            bucket.params.append(p)
+            bucket.indices.append(index_of[id(p)])
+            bucket.theta.append(theta)
+            bucket.grad_views.append(gview)
+            bucket.keys.append(_key(p, sh is not None))
             offset += n
-
-    @staticmethod
-    def _member(bucket: Bucket, p, view, gview, index_of) -> None:
-        bucket.params.append(p)
-        bucket.indices.append(index_of[id(p)])
-        bucket.param_views.append(view)
-        bucket.grad_views.append(gview)
 
     def remove_hooks(self) -> None:
         for h in self._hook_handles:
             h.remove()
         self._hook_handles = []
 
-    def verify(self) -> None:
-        """Raise if a parameter's data stopped viewing its bucket (moved, cast or reassigned)."""
+    def stale(self) -> Optional[str]:
+        """The name of the first parameter whose storage, dtype, device or shape changed since the layout
+        was built (``p.data = ...``, ``model.to()``, ``vector_to_parameters``), else None. A few pointer
+        reads per parameter: checked at every step's start."""
         for bucket in self.buckets:
-            base = bucket.param.untyped_storage().data_ptr()
-            for k, (p, view, i) in enumerate(zip(bucket.params, bucket.param_views, bucket.indices)):
-                if bucket.sharded:  # the local shard must still be the one FSDP all-gathers from
-                    local = p.to_local()
-                    held = bucket.shards[k] if bucket.shards else view
-                    moved = local.data_ptr() != held.data_ptr() or local.shape != held.shape
-                else:
-                    moved = (p.untyped_storage().data_ptr() != base or p.storage_offset() != view.storage_offset()
-                             or p.shape != view.shape)
-                if p.device != bucket.device or p.dtype != bucket.dtype or moved:
-                    raise RuntimeError(
-                        f"{self.names[i]} no longer views TSAM's flat buffer: its data was replaced after the "
-                        f"optimizer was built (now {p.dtype} on {p.device}, was {bucket.dtype} on {bucket.device}), "
-                        "e.g. by model.to(), .half(), load_state_dict(assign=True) or assigning p.data. "
-                        "Move or convert the model first, then construct TSAM; to keep training state, "
-                        "save opt.state_dict() and load it into the new optimizer.")
+            for p, key, i in zip(bucket.params, bucket.keys, bucket.indices):
+                if _key(p, bucket.sharded) != key:
+                    return self.names[i]
+        return None
 
     # -- gradients across closure calls ---------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -102,12 +103,7 @@ class TSAM(torch.optim.Optimizer):
             a sum of local shards' sums over the shard dimension, packed into the same all-reduce. ``"auto"`` (default) uses the default
             group when ``torch.distributed`` is initialized with more than one rank; ``None`` never
             all-reduces (e.g. independent models per rank).
-        shard_buffers: FSDP2 (``fully_shard``) models only (docs/design.md §6): ``"packed"`` runs each op
-            once over a flat buffer of ours that the local shards are copied into at the start of a step
-            and out of after each move (the shards' storage stays FSDP's); ``"in_place"`` runs the ops on
-            each local shard's own storage (no copies, one op launch per parameter). ``"auto"`` (default):
-            ``in_place`` on the CPU, where the copies cost more than the launches (bench/fsdp.py), and
-            ``packed`` on CUDA, where a launch costs more than copying a shard.
+        shard_buffers: deprecated, no effect (FSDP2's local shards are worked on in place, one op over all).
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
     The closure evaluates the loss at the current (perturbed) parameters and calls ``backward()``;
@@ -127,7 +123,7 @@ class TSAM(torch.optim.Optimizer):
                  hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
                  radius_mode: str = "absolute", seed: int = 0, backend: str = "auto", check_finite: bool = True,
                  grad_scaler: Optional["torch.amp.GradScaler"] = None,
-                 process_group: Union[str, None, object] = "auto", shard_buffers: str = "auto",
+                 process_group: Union[str, None, object] = "auto", shard_buffers: Optional[str] = None,
                  **base_kwargs):
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError("base_optimizer must be an optimizer class such as torch.optim.SGD "
@@ -146,7 +142,11 @@ class TSAM(torch.optim.Optimizer):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (got {type(grad_scaler).__name__})")
         self.grad_scaler = grad_scaler
         self.process_group = process_group
-        self.shard_buffers = check_choice("shard_buffers", shard_buffers, ("auto", "packed", "in_place"))
+        if shard_buffers is not None:
+            check_choice("shard_buffers", shard_buffers, ("auto", "packed", "in_place"))
+            warnings.warn("TSAM(shard_buffers=...) has no effect and will be removed: every layout now runs each "
+                          "op once over the parameters' own storage (FSDP2's local shards included)",
+                          DeprecationWarning, stacklevel=2)
         for key, value in base_kwargs.items():  # e.g. lr=nan passes torch's `lr < 0` checks
             values = value if isinstance(value, (tuple, list)) else (value,)
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
@@ -373,12 +373,14 @@ class TSAM(torch.optim.Optimizer):
 
     def _ensure_layout(self) -> FlatLayout:
         layout = self._layout
-        if layout is not None and layout.signature != FlatLayout.signature_of(self.param_groups):
-            self._invalidate_layout()  # params added/frozen/unfrozen: repack (values are copied over)
+        if layout is not None and (layout.signature != FlatLayout.signature_of(self.param_groups)
+                                   or layout.stale() is not None):
+            # params added, frozen or unfrozen, or a parameter's tensor replaced (p.data = ..., model.to(),
+            # vector_to_parameters): lay out again, over the tensors as they are now (gradients copied over)
+            self._invalidate_layout()
             layout = None
         if layout is None:
-            layout = self._layout = FlatLayout(self.param_groups, shards=self.shard_buffers)
-        layout.verify()
+            layout = self._layout = FlatLayout(self.param_groups)
         for bucket in layout.buckets:
             bucket.ensure_state(self.config.sampler == "hmc", self.config.shared_ascent, self.config.tilt_every > 1)
         return layout

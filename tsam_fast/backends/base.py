@@ -53,49 +53,49 @@ class Backend:
 
     def noise_sqnorm(self, bucket, seed: int) -> torch.Tensor:
         """``sum(xi**2)`` over the bucket (generator only)."""
-        return self.ops.noise_sqnorm(flat_runs(bucket.runs), seed, bucket.device)
+        return self.ops.noise_sqnorm(flat_runs(bucket.noise_runs), seed, bucket.device)
 
     def param_sqnorm(self, bucket) -> torch.Tensor:
         """``sum(theta**2)`` (theta0, at the start of a step)."""
-        return self.ops.sqnorm(bucket.param, None)
+        return self.ops.sqnorm(bucket.theta, None)
 
     def grad_sqnorm(self, bucket, adaptive: bool = False) -> torch.Tensor:
         """``sum((T g)**2)``, T = |theta0| when ``adaptive`` else 1."""
-        return self.ops.sqnorm(bucket.grad, bucket.backup if adaptive else None)
+        return self.ops.sqnorm(bucket.grads, bucket.backup if adaptive else None)
 
     def perturb(self, bucket, seed: Optional[int], coef: torch.Tensor, save_backup: bool = False,
                 base: Optional[torch.Tensor] = None) -> None:
         """The random start ``theta <- theta0 + coef * xi`` (``theta0 <- theta`` first if ``save_backup``);
         around ``base`` instead of theta0 when given (``shared_ascent``'s ascended point)."""
-        self.ops.perturb(bucket.param, bucket.backup if base is None else base, flat_runs(bucket.runs), seed, coef,
+        self.ops.perturb(bucket.theta, bucket.backup if base is None else base, flat_runs(bucket.runs), seed, coef,
                          save_backup)
         bucket.publish()
 
     def draw_momentum(self, bucket, seed: int, sigma: torch.Tensor) -> None:
         """HMC's ``v <- sigma * xi``."""
-        self.ops.fill_noise(bucket.momentum, flat_runs(bucket.runs), seed, sigma)
+        self.ops.fill_noise(bucket.momentum, flat_runs(bucket.noise_runs), seed, sigma)
 
     def ascend(self, bucket, kick: torch.Tensor, one: torch.Tensor, adaptive: bool) -> None:
         """``theta <- theta + kick * P g`` (P = theta0**2 when ``adaptive``): the ascent sampler's move."""
-        self.ops.leapfrog(bucket.param, bucket.grad, kick, one, None, bucket.backup if adaptive else None)
+        self.ops.leapfrog(bucket.theta, bucket.grad, kick, one, None, bucket.backup if adaptive else None)
         bucket.publish()
 
     def leapfrog(self, bucket, kick: torch.Tensor, drift: torch.Tensor) -> None:
         """HMC's ``v <- v + kick * g; theta <- theta + drift * v``."""
-        self.ops.leapfrog(bucket.param, bucket.grad, kick, drift, bucket.momentum, None)
+        self.ops.leapfrog(bucket.theta, bucket.grad, kick, drift, bucket.momentum, None)
         bucket.publish()
 
     def tilt_accumulate(self, bucket, a, b, first: bool, seed: Optional[int], coef,
                         base: Optional[torch.Tensor] = None) -> None:
         """``A <- a A + b g`` (``b g`` when ``first``) fused with the next start ``theta <- theta0 + coef xi``
         (around ``base`` when given)."""
-        self.ops.tilt_accumulate(bucket.acc, bucket.grad, a, b, first, bucket.param,
+        self.ops.tilt_accumulate(bucket.acc, bucket.grad, a, b, first, bucket.theta,
                                  bucket.backup if base is None else base, flat_runs(bucket.runs), seed, coef)
         bucket.publish()
 
     def finalize(self, bucket, a, b, inv_z, first: bool) -> None:
         """``grad <- (a A + b g) * inv_z`` and ``theta <- theta0``: the end of a step."""
-        self.ops.finalize(bucket.acc, bucket.grad, a, b, inv_z, first, bucket.param, bucket.backup)
+        self.ops.finalize(bucket.acc, bucket.grad, a, b, inv_z, first, bucket.theta, bucket.backup)
         bucket.publish()
 
 

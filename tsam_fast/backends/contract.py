@@ -16,14 +16,22 @@ memory traffic. Derived from the table here:
 
 Conventions of every op (docs/design.md §7):
 
-* ``theta``, ``theta0`` and ``grad`` are 1-D contiguous buffers in the parameter dtype (fp32, bf16,
-  fp16); ``acc`` (the tilt accumulator A), ``momentum`` (HMC's v) and ``out`` are fp32. All arithmetic
-  is fp32, one rounding to the dtype of each stored result.
+* ``theta`` is a list of tensors (``Tensor[]``): the parameters of one bucket, each seen as its own storage
+  flat (1-D, contiguous; ``tsam_fast.flat.storage_view``), never copied into a buffer of ours. The
+  bucket's flat index space is their concatenation in list order: element ``k`` of ``theta[i]`` is
+  position ``offset_i + k``, ``offset_i`` the sum of the lengths before it. Every other buffer
+  (``theta0``, ``grad``, ``acc``, ``momentum``, ``precond``, ``out``) is one flat 1-D contiguous buffer
+  of that length. Each op is one dispatch over the whole list ("multi-tensor apply").
+* ``theta0``, ``grad`` and ``precond`` are in the parameter dtype (fp32, bf16, fp16), like ``theta``;
+  ``acc`` (the tilt accumulator A), ``momentum`` (HMC's v) and ``out`` are fp32. All arithmetic is fp32,
+  one rounding to the dtype of each stored result.
 * Scalars (``coef``, ``kick``, ``drift``, ``a``, ``b``, ``inv_z``) are 0-dim fp32 tensors on the
   buffers' device; reductions return one. No op reads a device value on the host.
 * ``runs`` (``int[] runs``) are flat ``(buffer_offset, global_offset, length)`` triples:
-  ``b0, g0, n0, b1, g1, n1, ...``; element ``b + k`` of the buffer takes the noise of global element
-  ``g + k`` (docs/design.md §4). ``flat_runs`` turns a bucket's tuple of triples into this form.
+  ``b0, g0, n0, b1, g1, n1, ...``; element ``b + k`` of the flat space takes the noise of global element
+  ``g + k`` (docs/design.md §4). An op with a ``theta`` list takes exactly one run per tensor, in order
+  (``b = offset_i``, ``n = len(theta[i])``); ``noise_sqnorm`` and ``fill_noise`` take the same runs.
+  ``flat_runs`` turns a bucket's tuple of triples into this form.
 * ``seed`` is a 63-bit int (``rng.stream_seed``); ``int? seed`` = None means no noise (``start="none"``):
   the op then copies theta0 and never runs the generator. xi below is that noise.
 """
@@ -66,15 +74,36 @@ def run_triples(runs: Sequence[int]) -> Tuple[Tuple[int, int, int], ...]:
     return _triples(runs if isinstance(runs, tuple) else tuple(runs))
 
 
+def sample_sizes(n: int) -> Tuple[int, ...]:
+    """Lengths of the tensors of a sample ``theta`` list of ``n`` elements in all: an empty tensor, a
+    1-element one and odd sizes, so segments and tiles start and end everywhere."""
+    if n <= 1:
+        return (0, n)
+    if n < 5:
+        return (1, 0, n - 1)
+    third = n // 3 | 1
+    return (1, 0, third, n - 1 - third)
+
+
+def tensor_runs(sizes: Sequence[int], starts: Sequence[int]) -> Tuple[int, ...]:
+    """One run per tensor of a ``theta`` list with these lengths: the tensor's offset in the flat space,
+    its first global index ``starts[i]``, its length."""
+    out, offset = [], 0
+    for n, g in zip(sizes, starts):
+        out += [offset, g, n]
+        offset += n
+    return tuple(out)
+
+
 def sample_runs(n: int) -> Tuple[int, ...]:
-    """Runs tiling a buffer of ``n`` elements whose global offsets are not multiples of 4 (the first and
-    last Philox counters of each run are shared with elements outside it) and jump between the runs."""
-    if n == 0:
-        return ()
-    if n < 2:
-        return (0, 5, n)
-    half = n // 2
-    return (0, 13, half, half, 13 + half + 1002, n - half)
+    """The runs of a sample bucket of ``n`` elements (``sample_sizes``): global offsets that are not
+    multiples of 4 (the first and last Philox counters of each run are shared with elements outside it)
+    and that jump between the tensors, as a frozen parameter between two trainable ones makes them."""
+    sizes, starts, g = sample_sizes(n), [], 13
+    for k in sample_sizes(n):
+        starts.append(g)
+        g += k + 1002
+    return tensor_runs(sizes, starts)
 
 
 # -- sample inputs -----------------------------------------------------------------------------------
@@ -84,6 +113,31 @@ def sample_runs(n: int) -> Tuple[int, ...]:
 
 def _buf(n, dtype, device):
     return torch.randn(n, device=device).to(dtype)
+
+
+def _params(n, dtype, device):
+    """A sample ``theta`` list: ``sample_sizes(n)`` tensors viewing one storage at odd offsets with gaps
+    between them (unaligned data pointers; the gaps, like a frozen parameter's storage, must not change:
+    ``gaps_of`` reads them)."""
+    sizes = sample_sizes(n)
+    parent = _buf(sum(sizes) + 2 * len(sizes) + 1, dtype, device)
+    out, pos = [], 1
+    for k in sizes:
+        out.append(parent[pos:pos + k])
+        pos += k + 2
+    return out
+
+
+def gaps_of(theta: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The elements of a sample ``theta`` list's storage that lie between its tensors (a copy), or None
+    when the tensors do not share one storage."""
+    if not theta or any(t._base is None or t._base is not theta[0]._base for t in theta):
+        return None
+    parent = theta[0]._base
+    keep = torch.ones(parent.numel(), dtype=torch.bool, device=parent.device)
+    for t in theta:
+        keep[t.storage_offset():t.storage_offset() + t.numel()] = False
+    return parent[keep].clone()
 
 
 def _f32(n, device):
@@ -99,11 +153,11 @@ def _sample_noise_sqnorm(n, dtype, device, *, seed=SAMPLE_SEED):
 
 
 def _sample_sqnorm(n, dtype, device, *, scaled=False):
-    return (_buf(n, dtype, device), _buf(n, dtype, device) if scaled else None)
+    return (_params(n, dtype, device), _buf(n, dtype, device) if scaled else None)
 
 
 def _sample_perturb(n, dtype, device, *, seed=SAMPLE_SEED, coef=0.37, save_backup=False):
-    return (_buf(n, dtype, device), _buf(n, dtype, device), sample_runs(n), seed, _s(coef, device), save_backup)
+    return (_params(n, dtype, device), _buf(n, dtype, device), sample_runs(n), seed, _s(coef, device), save_backup)
 
 
 def _sample_fill_noise(n, dtype, device, *, seed=SAMPLE_SEED, coef=1.7):
@@ -112,20 +166,20 @@ def _sample_fill_noise(n, dtype, device, *, seed=SAMPLE_SEED, coef=1.7):
 
 def _sample_leapfrog(n, dtype, device, *, mode="ascent", kick=0.05 / 3.3, drift=None):
     drift = (0.7 if mode == "hmc" else 1.0) if drift is None else drift
-    theta, grad = _buf(n, dtype, device), _buf(n, dtype, device)
+    theta, grad = _params(n, dtype, device), _buf(n, dtype, device)
     momentum = _f32(n, device) if mode == "hmc" else None
     precond = _buf(n, dtype, device) if mode == "adaptive" else None
     return (theta, grad, _s(kick, device), _s(drift, device), momentum, precond)
 
 
 def _sample_tilt_accumulate(n, dtype, device, *, first=False, seed=SAMPLE_SEED, a=0.8, b=1.3, coef=0.21):
-    return (_f32(n, device), _buf(n, dtype, device), _s(a, device), _s(b, device), first, _buf(n, dtype, device),
+    return (_f32(n, device), _buf(n, dtype, device), _s(a, device), _s(b, device), first, _params(n, dtype, device),
             _buf(n, dtype, device), sample_runs(n), seed, _s(coef, device))
 
 
 def _sample_finalize(n, dtype, device, *, first=False, a=0.6, b=0.3, inv_z=1 / 2.9):
     return (_f32(n, device), _buf(n, dtype, device), _s(a, device), _s(b, device), _s(inv_z, device), first,
-            _buf(n, dtype, device), _buf(n, dtype, device))
+            _params(n, dtype, device), _buf(n, dtype, device))
 
 
 # -- the table ---------------------------------------------------------------------------------------
@@ -185,12 +239,13 @@ OPS: Tuple[OpSpec, ...] = (
         "sum(xi**2) over the runs, a 0-dim fp32 tensor on ``device`` (the generator only, no buffer read).",
         _sample_noise_sqnorm, {"runs": Case({}, 0)}),
     OpSpec(
-        "sqnorm", "sqnorm(Tensor x, Tensor? scale=None) -> Tensor",
-        "sum((scale * x)**2) (scale = 1 when None), a 0-dim fp32 tensor on x's device.",
+        "sqnorm", "sqnorm(Tensor[] x, Tensor? scale=None) -> Tensor",
+        "sum((scale * x)**2) over the flat space of the list x (scale: flat, 1 when None), a 0-dim fp32 "
+        "tensor on x's device.",
         _sample_sqnorm, {"plain": Case({}, 1), "scaled": Case(dict(scaled=True), 2)}),
     OpSpec(
         "perturb",
-        "perturb(Tensor(a!) theta, Tensor(b!) theta0, int[] runs, int? seed, Tensor coef, bool save_backup) -> ()",
+        "perturb(Tensor(a!)[] theta, Tensor(b!) theta0, int[] runs, int? seed, Tensor coef, bool save_backup) -> ()",
         "theta0 <- theta if save_backup; then theta <- theta0 + coef * xi (theta <- theta0 when seed is None).",
         _sample_perturb,
         {"noise": Case({}, 2), "noise-backup": Case(dict(save_backup=True), 3),
@@ -201,7 +256,7 @@ OPS: Tuple[OpSpec, ...] = (
         _sample_fill_noise, {"runs": Case({}, 1)}),
     OpSpec(
         "leapfrog",
-        "leapfrog(Tensor(a!) theta, Tensor grad, Tensor kick, Tensor drift, Tensor(b!)? momentum=None, "
+        "leapfrog(Tensor(a!)[] theta, Tensor grad, Tensor kick, Tensor drift, Tensor(b!)? momentum=None, "
         "Tensor? precond=None) -> ()",
         "With momentum: v <- v + kick * g; theta <- theta + drift * v. Without: theta <- theta + drift * "
         "((kick * g) * P), P = precond**2 (or 1). momentum and precond are not given together.",
@@ -209,7 +264,7 @@ OPS: Tuple[OpSpec, ...] = (
         {"ascent": Case({}, 3), "adaptive": Case(dict(mode="adaptive"), 4), "hmc": Case(dict(mode="hmc"), 5)}),
     OpSpec(
         "tilt_accumulate",
-        "tilt_accumulate(Tensor(a!) acc, Tensor grad, Tensor a, Tensor b, bool first, Tensor(b!) theta, "
+        "tilt_accumulate(Tensor(a!) acc, Tensor grad, Tensor a, Tensor b, bool first, Tensor(b!)[] theta, "
         "Tensor theta0, int[] runs, int? seed, Tensor coef) -> ()",
         "A <- a * A + b * g (b * g when first: A not read); then theta <- theta0 + coef * xi (the next "
         "sample's start; theta <- theta0 when seed is None).",
@@ -217,7 +272,7 @@ OPS: Tuple[OpSpec, ...] = (
         {"later": Case({}, 5), "first": Case(dict(first=True), 4), "first-no-noise": Case(dict(first=True, seed=None), 4)}),
     OpSpec(
         "finalize",
-        "finalize(Tensor acc, Tensor(a!) grad, Tensor a, Tensor b, Tensor inv_z, bool first, Tensor(b!) theta, "
+        "finalize(Tensor acc, Tensor(a!) grad, Tensor a, Tensor b, Tensor inv_z, bool first, Tensor(b!)[] theta, "
         "Tensor theta0) -> ()",
         "grad <- (a * A + b * g) * inv_z (A not read when first); theta <- theta0: the end of a step.",
         _sample_finalize, {"later": Case({}, 5), "first": Case(dict(first=True), 4)}),
@@ -235,6 +290,8 @@ _LIBS: Dict[str, torch.library.Library] = {}  # namespace -> the Library holding
 
 def _device_of(args) -> torch.device:
     for a in args:
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device
         if isinstance(a, torch.Tensor):
             return a.device
         if isinstance(a, torch.device):
@@ -328,8 +385,8 @@ def opcheck_cases(ns: str, n: int = 37, device="cpu",
     ``SPECS[name].args(n, dtype, device, case)``."""
     out = []
     for op in OPS:
-        dtyped = any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16
-                     for a in op.args(1, torch.bfloat16, "cpu"))
+        dtyped = any(t.dtype == torch.bfloat16 for a in op.args(1, torch.bfloat16, "cpu")
+                     for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor))
         for case in op.cases:
             for dtype in (dtypes if dtyped else dtypes[:1]):
                 out.append((f"{ns}.{op.name}-{case}-{str(dtype).replace('torch.', '')}", op.name, case, dtype))

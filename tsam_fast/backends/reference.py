@@ -52,9 +52,24 @@ def _noise(runs, seed, n, device):
     return xi
 
 
+def _gather(theta) -> torch.Tensor:
+    """The flat space of a ``theta`` list as one new tensor (the oracle computes on it, then scatters)."""
+    return torch.cat([t.reshape(-1) for t in theta]) if len(theta) else torch.empty(0)
+
+
+def _scatter(theta, flat: torch.Tensor) -> None:
+    """``theta`` (the list) <- ``flat``, tensor by tensor; nothing outside the tensors is written."""
+    offset = 0
+    for t in theta:
+        t.copy_(flat[offset:offset + t.numel()])
+        offset += t.numel()
+
+
 class ReferenceOps:
     """The ops of the contract over plain tensors, with the schemas' arguments (``contract.OPS``; ``runs``
-    are flat triples). See ``Backend`` for how the step engine calls them."""
+    are flat triples, ``theta`` a list of tensors). See ``Backend`` for how the step engine calls them.
+    Each op computes on the flat space of ``theta`` gathered into one tensor and writes it back: the
+    plainest statement of the formula, whatever the list."""
 
     @staticmethod
     def noise_sqnorm(runs, seed, device):
@@ -67,24 +82,27 @@ class ReferenceOps:
 
     @staticmethod
     def sqnorm(x, scale=None):
-        """``sum((scale * x)**2)`` (``scale`` may be None), accumulated in fp64: a 0-dim fp32 tensor
-        (float64 for a float64 ``x``)."""
-        y = x.double()
+        """``sum((scale * x)**2)`` over the flat space of the list ``x`` (``scale`` may be None),
+        accumulated in fp64: a 0-dim fp32 tensor (float64 for a float64 ``x``)."""
+        y = _gather(x).double()
         if scale is not None:
             y = y * scale.double()
-        return y.square().sum().to(_compute_dtype(x))
+        return y.square().sum().to(_compute_dtype(x[0]))
+
+    @staticmethod
+    def _perturbed(theta0, runs, seed, coef):
+        if seed is None:
+            return theta0
+        xi = _noise(runs, seed, theta0.numel(), theta0.device)
+        ct = _compute_dtype(theta0)
+        return theta0.to(ct) + coef.to(ct) * xi.to(ct)
 
     @staticmethod
     def perturb(theta, theta0, runs, seed, coef, save_backup):
         """``theta0 <- theta`` if ``save_backup``; then ``theta <- theta0 + coef * xi`` (``theta0`` if no seed)."""
         if save_backup:
-            theta0.copy_(theta)
-        if seed is None:
-            theta.copy_(theta0)
-            return
-        xi = _noise(runs, seed, theta.numel(), theta.device)
-        ct = _compute_dtype(theta)
-        theta.copy_(theta0.to(ct) + coef.to(ct) * xi.to(ct))
+            theta0.copy_(_gather(theta))
+        _scatter(theta, ReferenceOps._perturbed(theta0, runs, seed, coef))
 
     @staticmethod
     def fill_noise(out, runs, seed, coef):
@@ -95,7 +113,8 @@ class ReferenceOps:
     def leapfrog(theta, grad, kick, drift, momentum=None, precond=None):
         """With ``momentum``: ``v <- v + kick*g; theta <- theta + drift*v``. Without: ``theta <- theta +
         drift*kick*P*g`` with ``P = precond**2`` (or 1)."""
-        ct = _compute_dtype(theta)
+        flat = _gather(theta)
+        ct = _compute_dtype(flat)
         g = grad.to(ct)
         if momentum is None:
             step = kick.to(ct) * g
@@ -104,7 +123,7 @@ class ReferenceOps:
         else:
             momentum.add_(kick.to(momentum.dtype) * g.to(momentum.dtype))
             step = momentum.to(ct)
-        theta.copy_(theta.to(ct) + drift.to(ct) * step)
+        _scatter(theta, flat.to(ct) + drift.to(ct) * step)
 
     @staticmethod
     def _accumulated(acc, grad, a, b, first):
@@ -122,7 +141,7 @@ class ReferenceOps:
     def finalize(acc, grad, a, b, inv_z, first, theta, theta0):
         """``grad <- (a*A + b*g) * inv_z`` (A not read when ``first``) and ``theta <- theta0``."""
         grad.copy_(ReferenceOps._accumulated(acc, grad, a, b, first) * inv_z.to(acc.dtype))
-        theta.copy_(theta0)
+        _scatter(theta, theta0)
 
 
 #: every floating dtype: the reference runs float64 buckets too (in float64 math)
@@ -290,6 +309,16 @@ def _chunks(n: int, size: Optional[int] = None):
         yield lo, min(lo + size, n)
 
 
+def _pieces(theta, size: Optional[int] = None):
+    """A ``theta`` list chunk by chunk: ``(tensor slice, lo, hi)``, ``lo .. hi`` its flat positions."""
+    offset = 0
+    for t in theta:
+        n = t.numel()
+        for a, b in _chunks(n, size):
+            yield t[a:b], offset + a, offset + b
+        offset += n
+
+
 class FastReferenceOps(ReferenceOps):
     """The reference ops, chunked, with the fast generator and the kept noise of ``noise_sqnorm``.
 
@@ -349,17 +378,19 @@ class FastReferenceOps(ReferenceOps):
         return total
 
     def sqnorm(self, x, scale=None, scratch: Optional[torch.Tensor] = None):
-        """``ReferenceOps.sqnorm``; with ``scratch`` (float64, ``x``'s length) the fp64 squares are made
-        there chunk by chunk, then summed as one tensor, as the oracle sums them."""
+        """``ReferenceOps.sqnorm``; with ``scratch`` (float64, at least the list's length) the fp64 squares
+        are made there chunk by chunk, then summed as one tensor, as the oracle sums them."""
         if scratch is None:
             return ReferenceOps.sqnorm(x, scale)
-        sq = scratch[:x.numel()]
-        for lo, hi in _chunks(x.numel()):
-            sq[lo:hi].copy_(x[lo:hi])
+        n = 0
+        for t, lo, hi in _pieces(x):
+            sq = scratch[lo:hi]
+            sq.copy_(t)
             if scale is not None:
-                sq[lo:hi].mul_(scale[lo:hi])
-            sq[lo:hi].square_()
-        return sq.sum().to(_compute_dtype(x))
+                sq.mul_(scale[lo:hi])
+            sq.square_()
+            n = hi
+        return scratch[:n].sum().to(_compute_dtype(x[0]))
 
     @staticmethod
     def _zero_gaps(out, runs):
@@ -382,25 +413,29 @@ class FastReferenceOps(ReferenceOps):
         torch.mul(c, xi.to(ct), out=t)
         torch.add(theta0_c, t, out=theta_c)
 
-    def _start_buffers(self, theta, runs, seed, coef):
-        """What a random start's chunked loop needs: n, the kept noise (or None), a noise scratch when it must
-        be generated, the compute dtype, the coefficient in it and a chunk-sized temporary."""
-        n = theta.numel()
-        kept = None if seed is None else self.recall(runs, seed, n, theta.device)
-        scratch = None if seed is None or kept is not None else torch.empty(min(n, CHUNK), device=theta.device)
-        ct = _compute_dtype(theta)
-        return n, kept, scratch, ct, coef.to(ct), torch.empty(min(n, CHUNK), dtype=ct, device=theta.device)
+    def _start_buffers(self, theta0, runs, seed, coef):
+        """What a random start's chunked loop needs: the kept noise (or None), a noise scratch when it must be
+        generated, the compute dtype, the coefficient in it and a chunk-sized temporary."""
+        n = theta0.numel()
+        kept = None if seed is None else self.recall(runs, seed, n, theta0.device)
+        scratch = None if seed is None or kept is not None else torch.empty(min(n, CHUNK), device=theta0.device)
+        ct = _compute_dtype(theta0)
+        return kept, scratch, ct, coef.to(ct), torch.empty(min(n, CHUNK), dtype=ct, device=theta0.device)
+
+    def _restart(self, t, lo, hi, theta0, runs, seed, start) -> None:
+        """One chunk of a random start (``start``: ``_start_buffers``), or of ``theta <- theta0`` (no seed)."""
+        if seed is None:
+            t.copy_(theta0[lo:hi])
+            return
+        kept, scratch, ct, c, tmp = start
+        self._start(t, theta0[lo:hi], c, self._xi(runs, seed, lo, hi, t.device, kept, scratch), ct, tmp)
 
     def perturb(self, theta, theta0, runs, seed, coef, save_backup):
-        n, kept, scratch, ct, c, tmp = self._start_buffers(theta, runs, seed, coef)
-        for lo, hi in _chunks(n):
+        start = self._start_buffers(theta0, runs, seed, coef)
+        for t, lo, hi in _pieces(theta):
             if save_backup:
-                theta0[lo:hi].copy_(theta[lo:hi])
-            if seed is None:
-                theta[lo:hi].copy_(theta0[lo:hi])
-                continue
-            self._start(theta[lo:hi], theta0[lo:hi], c, self._xi(runs, seed, lo, hi, theta.device, kept, scratch),
-                        ct, tmp)
+                theta0[lo:hi].copy_(t)
+            self._restart(t, lo, hi, theta0, runs, seed, start)
 
     def fill_noise(self, out, runs, seed, coef):
         n = out.numel()
@@ -410,20 +445,19 @@ class FastReferenceOps(ReferenceOps):
             out[lo:hi].copy_(c * self.generator.fill_range(scratch[:hi - lo], runs, seed, lo).to(out.dtype))
 
     def leapfrog(self, theta, grad, kick, drift, momentum=None, precond=None):
-        ct = _compute_dtype(theta)
-        if momentum is not None or theta.dtype != ct or grad.dtype != ct:
-            for lo, hi in _chunks(theta.numel()):
-                ReferenceOps.leapfrog(theta[lo:hi], grad[lo:hi], kick, drift,
-                                      None if momentum is None else momentum[lo:hi],
+        ct = _compute_dtype(grad)
+        if momentum is not None or grad.dtype != ct:
+            for t, lo, hi in _pieces(theta):
+                ReferenceOps.leapfrog([t], grad[lo:hi], kick, drift, None if momentum is None else momentum[lo:hi],
                                       None if precond is None else precond[lo:hi])
             return
         # the ascent move in the compute dtype: the oracle's kernels, in order, into two chunk buffers
         k, d = kick.to(ct), drift.to(ct)
-        n = theta.numel()
-        step, p2 = torch.empty(min(n, CHUNK), dtype=ct, device=theta.device), None
+        n = grad.numel()
+        step, p2 = torch.empty(min(n, CHUNK), dtype=ct, device=grad.device), None
         if precond is not None:
-            p2 = torch.empty(min(n, CHUNK), dtype=ct, device=theta.device)
-        for lo, hi in _chunks(n):
+            p2 = torch.empty(min(n, CHUNK), dtype=ct, device=grad.device)
+        for th, lo, hi in _pieces(theta):
             t = step[:hi - lo]
             torch.mul(k, grad[lo:hi], out=t)
             if precond is not None:
@@ -431,7 +465,7 @@ class FastReferenceOps(ReferenceOps):
                 torch.square(precond[lo:hi].to(ct), out=q)
                 t.mul_(q)
             torch.mul(d, t, out=t)
-            theta[lo:hi].add_(t)
+            th.add_(t)
 
     @staticmethod
     def _accumulate(acc_c, grad_c, a, b, first, tmp):
@@ -444,27 +478,22 @@ class FastReferenceOps(ReferenceOps):
         return t
 
     def tilt_accumulate(self, acc, grad, a, b, first, theta, theta0, runs, seed, coef):
-        n, kept, scratch, ct, c, tmp = self._start_buffers(theta, runs, seed, coef)
-        acc_tmp = torch.empty(min(n, CHUNK), dtype=acc.dtype, device=acc.device)
-        for lo, hi in _chunks(n):
+        start = self._start_buffers(theta0, runs, seed, coef)
+        acc_tmp = torch.empty(min(acc.numel(), CHUNK), dtype=acc.dtype, device=acc.device)
+        for t, lo, hi in _pieces(theta):
             acc[lo:hi].copy_(self._accumulate(acc[lo:hi], grad[lo:hi], a, b, first, acc_tmp))
-            if seed is None:
-                theta[lo:hi].copy_(theta0[lo:hi])
-                continue
-            self._start(theta[lo:hi], theta0[lo:hi], c, self._xi(runs, seed, lo, hi, theta.device, kept, scratch),
-                        ct, tmp)
+            self._restart(t, lo, hi, theta0, runs, seed, start)
 
     def finalize(self, acc, grad, a, b, inv_z, first, theta, theta0):
-        n = theta.numel()
-        acc_tmp = torch.empty(min(n, CHUNK), dtype=acc.dtype, device=acc.device)
+        acc_tmp = torch.empty(min(acc.numel(), CHUNK), dtype=acc.dtype, device=acc.device)
         z = inv_z.to(acc.dtype)
-        for lo, hi in _chunks(n):
-            t = self._accumulate(acc[lo:hi], grad[lo:hi], a, b, first, acc_tmp)
+        for t, lo, hi in _pieces(theta):
+            g = self._accumulate(acc[lo:hi], grad[lo:hi], a, b, first, acc_tmp)
             if grad.dtype == acc.dtype:
-                torch.mul(t, z, out=grad[lo:hi])
+                torch.mul(g, z, out=grad[lo:hi])
             else:
-                grad[lo:hi].copy_(t * z)
-            theta[lo:hi].copy_(theta0[lo:hi])
+                grad[lo:hi].copy_(g * z)
+            t.copy_(theta0[lo:hi])
 
 
 class FastReferenceBackend(Backend):
@@ -489,28 +518,28 @@ class FastReferenceBackend(Backend):
 
     def _buffer(self, bucket, name: str, dtype: torch.dtype) -> torch.Tensor:
         held = self._held.setdefault(bucket, {})
-        n = bucket.param.numel()
+        n = bucket.numel
         t = held.get(name)
         if t is None or t.numel() != n or t.device != bucket.device:
             t = held[name] = torch.empty(n, dtype=dtype, device=bucket.device)
         return t
 
     def _scratch(self, bucket) -> Optional[torch.Tensor]:
-        if bucket.device.type != "cpu" or bucket.param.numel() < KEEP_MIN:
+        if bucket.device.type != "cpu" or bucket.numel < KEEP_MIN:
             return None
         return self._buffer(bucket, "squares", torch.float64)
 
     def noise_sqnorm(self, bucket, seed: int) -> torch.Tensor:
-        runs = flat_runs(bucket.runs)
-        if bucket.param.numel() < KEEP_MIN:
+        runs = flat_runs(bucket.noise_runs)
+        if bucket.numel < KEEP_MIN:
             return self.ops.noise_sqnorm(runs, seed, bucket.device)
         xi = self._buffer(bucket, "noise", torch.float32)
         total = self.ops.noise_sqnorm(runs, seed, bucket.device, out=xi, scratch=self._scratch(bucket))
-        self.ops.remember(runs, seed, xi)
+        self.ops.remember(flat_runs(bucket.runs), seed, xi)  # kept for the ops over the parameter list
         return total
 
     def grad_sqnorm(self, bucket, adaptive: bool = False) -> torch.Tensor:
-        return self.ops.sqnorm(bucket.grad, bucket.backup if adaptive else None, scratch=self._scratch(bucket))
+        return self.ops.sqnorm(bucket.grads, bucket.backup if adaptive else None, scratch=self._scratch(bucket))
 
     def info(self, device_type: str = "cpu") -> str:
         return self.ops.generator.info(device_type)
