@@ -32,27 +32,30 @@ def variants(quick: bool):
     for multi, (block, warps) in ((False, (1024, 4)), (True, (2048, 8))):
         out.append(("noise_sqnorm_kernel", dict(partials_ptr="*fp32", seed="i64") | tile | dict(num_tiles="i64"),
                     dict(MULTI_RUN=multi, BLOCK=block), warps))
+    for multi, aligned in flags(2):
         out.append(("fill_noise_kernel", dict(out_ptr="*fp32", coef_ptr="*fp32", seed="i64") | tile,
-                    dict(MULTI_RUN=multi, BLOCK=block), warps))
+                    dict(MULTI_RUN=multi, ALIGNED=aligned, BLOCK=2048), 8))
     for dt in dtypes:
-        out.append(("sqnorm_kernel", dict(partials_ptr="*fp32", x_ptr=dt, scale_ptr=dt, n="i64", num_tiles="i32"),
-                    dict(HAS_SCALE=True, BLOCK=4096), 8))
-        for save, noise, multi in flags(3):
+        for multi, aligned in flags(2):
+            out.append(("sqnorm_kernel", dict(partials_ptr="*fp32", x_ptr=dt, scale_ptr=dt) | tile |
+                        dict(num_tiles="i64"), dict(HAS_SCALE=True, MULTI_RUN=multi, ALIGNED=aligned, BLOCK=4096), 8))
+        for save, noise, multi, aligned in flags(4):
             out.append(("perturb_kernel", dict(theta_ptr=dt, theta0_ptr=dt, coef_ptr="*fp32", seed="i64") | tile,
-                        dict(SAVE_BACKUP=save, HAS_NOISE=noise, MULTI_RUN=multi, BLOCK=1024), 4))
-        for first, noise, multi in flags(3):
+                        dict(SAVE_BACKUP=save, HAS_NOISE=noise, MULTI_RUN=multi, ALIGNED=aligned, BLOCK=1024), 4))
+        for first, noise, multi, aligned in flags(4):
             out.append(("tilt_accumulate_kernel",
                         dict(acc_ptr="*fp32", grad_ptr=dt, a_ptr="*fp32", b_ptr="*fp32", theta_ptr=dt, theta0_ptr=dt,
                              coef_ptr="*fp32", seed="i64") | tile,
-                        dict(FIRST=first, HAS_NOISE=noise, MULTI_RUN=multi, BLOCK=2048), 8))
-        for mom, pre in ((False, False), (False, True), (True, False)):
+                        dict(FIRST=first, HAS_NOISE=noise, MULTI_RUN=multi, ALIGNED=aligned, BLOCK=2048), 8))
+        for (mom, pre), (multi, aligned) in itertools.product(((False, False), (False, True), (True, False)),
+                                                              flags(2)):
             out.append(("leapfrog_kernel", dict(theta_ptr=dt, grad_ptr=dt, kick_ptr="*fp32", drift_ptr="*fp32",
-                                                mom_ptr="*fp32", precond_ptr=dt, n="i64"),
-                        dict(HAS_MOMENTUM=mom, HAS_PRECOND=pre, BLOCK=4096), 8))
-        for first in (True, False):
+                                                mom_ptr="*fp32", precond_ptr=dt) | tile,
+                        dict(HAS_MOMENTUM=mom, HAS_PRECOND=pre, MULTI_RUN=multi, ALIGNED=aligned, BLOCK=4096), 8))
+        for first, multi, aligned in flags(3):
             out.append(("finalize_kernel", dict(acc_ptr="*fp32", grad_ptr=dt, a_ptr="*fp32", b_ptr="*fp32",
-                                                inv_z_ptr="*fp32", theta_ptr=dt, theta0_ptr=dt, n="i64"),
-                        dict(FIRST=first, BLOCK=4096), 8))
+                                                inv_z_ptr="*fp32", theta_ptr=dt, theta0_ptr=dt) | tile,
+                        dict(FIRST=first, MULTI_RUN=multi, ALIGNED=aligned, BLOCK=4096), 8))
     out.append(("sum_partials_kernel", dict(out_ptr="*fp32", partials_ptr="*fp32", n_partials="i32"),
                 dict(BLOCK=1024), 4))
     for normals, out_type in ((False, "*i32"), (True, "*fp32")):

@@ -248,15 +248,14 @@ def _param_list(name: str, theta) -> Tuple[int, torch.device, torch.dtype, tuple
     dev, dt = theta[0].device, theta[0].dtype
     if dt not in _FLOATS:
         raise ValueError(f"{name} must hold fp32, bf16 or fp16 tensors, got {dt}")
-    key, n = [], 0
+    index, key = theta[0].get_device(), []  # the device as an int: cheaper to compare, once per tensor
     for i, t in enumerate(theta):
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.is_contiguous() or t.dtype != dt or \
-                t.device != dev:
+        if not isinstance(t, torch.Tensor) or t.dtype is not dt or t.get_device() != index or t.dim() != 1 or \
+                not t.is_contiguous():
             got = (t.dtype, tuple(t.shape), t.stride(), t.device) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}[{i}] must be a contiguous 1-D {dt} tensor on {dev} like {name}[0], got {got}")
-        m = t.numel()
-        key += (t.data_ptr(), m)
-        n += m
+        key += (t.data_ptr(), t.numel())
+    n = sum(key[1::2])
     if _INTERPRETING and dev.type == "cuda" and sum(1 for m in key[1::2] if m) > 1:
         raise RuntimeError(f"the Triton interpreter copies a kernel's tensor arguments to the host, so it cannot "
                            f"follow the device pointers of a {name} list of several tensors on {dev}; run the "

@@ -157,7 +157,7 @@ def test_hf_trainer_resume_mid_epoch_is_bit_exact(tmp_path, one_thread):
     # the Trainer's own schedule drove the base optimizer: warmup from 0, then linear decay
     lrs = [e["learning_rate"] for e in full.state.log_history if "learning_rate" in e]
     assert lrs[0] == 0 and max(lrs) == pytest.approx(1e-2) and lrs[-1] < lrs[2]
-    # the checkpoint (safetensors) holds every parameter, although they are views into TSAM's flat buffer
+    # the checkpoint (safetensors) holds every parameter (each in its own storage)
     from safetensors.torch import load_file
     saved = load_file(str(tmp_path / "full" / "checkpoint-8" / "model.safetensors"))
     params = {k: v for k, v in full.model.state_dict().items() if k in saved}

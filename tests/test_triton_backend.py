@@ -1,8 +1,8 @@
 """Triton-specific tests: the in-kernel generator against ``tsam_fast.rng``, noise runs at awkward global
 offsets, one launch per op over a ``theta`` list of many tensors (multi-tensor apply), the registered ops
-(opcheck, torch.compile) and the GPU-only checks (full-size parity, 64-bit indexing, no host sync). On a GPU the device-generic tests run on CUDA. Whole TSAM trajectories against
-the reference and C++ backends (and, on a GPU, the CUDA trajectory against the CPU reference) are in
-``tests/test_trajectory.py``.
+(opcheck, torch.compile) and the GPU-only checks (full-size parity, 64-bit indexing, no host sync). On a
+GPU the device-generic tests run on CUDA. Whole TSAM trajectories against the reference and C++ backends
+(and, on a GPU, the CUDA trajectory against the CPU reference) are in ``tests/test_trajectory.py``.
 
 Without CUDA the kernels run in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` has to be in the
 environment before triton is first imported; this module sets it for a run of this file alone, and
