@@ -156,6 +156,15 @@ def read_sharded(directory: Path, index: str) -> Dict[str, torch.Tensor]:
     return out
 
 
+def prepared(kind: str, seed: int = 0):
+    """A fresh ``Accelerator`` on the CPU with the model and its optimizer of ``kind`` prepared."""
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True)
+    model = net(seed=seed)
+    model, opt = accelerator.prepare(model, OPTIMIZERS[kind](model.parameters()))
+    return accelerator, model, opt
+
+
 def reset_accelerate() -> None:
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -172,13 +181,10 @@ def accelerate_save_state(kind: str, d: Path) -> Dict[str, Any]:
     from the original. (With TSAM's former flat parameters, safetensors saw one shared storage and
     Accelerate kept 1 of the 18 tensors.) Compared: the file names, and the sizes of every file but the
     optimizer's (TSAM's state_dict holds its own entries besides AdamW's)."""
-    from accelerate import Accelerator
     from safetensors.torch import load_file
     reset_accelerate()
     try:
-        accelerator = Accelerator(cpu=True)
-        model = net()
-        model, opt = accelerator.prepare(model, OPTIMIZERS[kind](model.parameters()))
+        accelerator, model, opt = prepared(kind)
         train(model, opt)
         accelerator.save_state(str(d / "state"))
         saved = values(model)
@@ -188,9 +194,7 @@ def accelerate_save_state(kind: str, d: Path) -> Dict[str, Any]:
         assert model_file == ["model.safetensors"], written
         assert_exact(load_file(str(d / "state" / "model.safetensors")), saved, f"{kind}: model.safetensors")
 
-        fresh_accelerator = Accelerator(cpu=True)
-        fresh = net(seed=1)
-        fresh, fresh_opt = fresh_accelerator.prepare(fresh, OPTIMIZERS[kind](fresh.parameters()))
+        fresh_accelerator, fresh, fresh_opt = prepared(kind, seed=1)
         fresh_accelerator.load_state(str(d / "state"))
         assert_exact(values(fresh), saved, f"{kind}: the model after load_state")
         assert_same(fresh_opt.state_dict(), saved_opt, f"{kind}: the optimizer's state_dict after load_state")
@@ -205,12 +209,10 @@ def accelerate_save_state(kind: str, d: Path) -> Dict[str, Any]:
 
 
 def _accelerate_save_model(kind: str, d: Path, safe: bool) -> Dict[str, Any]:
-    from accelerate import Accelerator, load_checkpoint_in_model
+    from accelerate import load_checkpoint_in_model
     reset_accelerate()
     try:
-        accelerator = Accelerator(cpu=True)
-        model = net()
-        model, opt = accelerator.prepare(model, OPTIMIZERS[kind](model.parameters()))
+        accelerator, model, opt = prepared(kind)
         train(model, opt)
         accelerator.save_model(model, str(d / "model"), max_shard_size="3KB", safe_serialization=safe)
     finally:
