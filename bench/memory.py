@@ -5,15 +5,16 @@ plain base optimizer on the same model, one fresh process per row (rows interlea
     python bench/memory.py --numel 10000000 --rounds 1
 
 The model is ``flat`` (bench/models.py: the loss is ``sum_i <p_i, c_i>``, one pass). Each row reports the
-RSS after ``--steps`` steps and its growth over the last half of them (a leak, or allocator growth, shows
-there). TSAM's own memory is theta0 and the tilt accumulator, 2 x P for fp32 parameters (docs/design.md
-§5): the target is RSS(tsam) <= RSS(plain) + 2 P + 5%. Results go to --out-dir (default: outside the
+RSS after ``--steps`` steps (after ``malloc_trim``; the untrimmed RSS is kept as ``raw_rss``) and its
+growth over the last half of them (a leak, or allocator growth, shows there). TSAM's own memory is
+theta0 and the tilt accumulator, 2 x P for fp32 parameters (docs/design.md §5): the target is RSS(tsam) <= RSS(plain) + 2 P + 5%. Results go to --out-dir (default: outside the
 tree, ``$TSAM_FAST_RESULTS`` or ~/.cache/tsam_fast/results).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -32,6 +33,17 @@ ROWS = ("plain", "tsam")
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def trimmed_rss_bytes() -> int:
+    """RSS after glibc hands its free heap pages back (``malloc_trim``): what is live, without the
+    allocator's whims (whether a freed block of one row went back to the OS or not swings the plain
+    row's RSS by ~2 P between otherwise identical runs). Plain RSS where glibc is not the allocator."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return rss_bytes()
 
 
 def _row(args) -> dict:
@@ -60,7 +72,8 @@ def _row(args) -> dict:
         samples.append(rss_bytes())
     half = samples[len(samples) // 2:]
     extra = opt.extra_memory_bytes() if args.row == "tsam" else 0
-    return dict(row=args.row, rss=samples[-1], growth=half[-1] - half[0], extra_memory_bytes=extra,
+    return dict(row=args.row, rss=trimmed_rss_bytes(), raw_rss=samples[-1], growth=half[-1] - half[0],
+                extra_memory_bytes=extra,
                 param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
