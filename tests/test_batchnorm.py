@@ -42,11 +42,34 @@ def batch_norms(model):
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+# The options beyond the samplers, each changing which evaluation is a sample's first (the plan's numbering)
+VARIANTS = {
+    "shared-ascent": dict(sampler="ascent", num_samples=3, shared_ascent=True),
+    "backward-samples": dict(sampler="random", num_samples=3, backward_samples=2),
+    "backward-one-of-four": dict(sampler="random", num_samples=4, backward_samples=1),
+    "shared-backward-top": dict(sampler="ascent", num_samples=3, shared_ascent=True, backward_samples=1,
+                                backward_select="top"),
+    "tilt-every": dict(sampler="random", num_samples=2, tilt_every=2),
+}
+
+
 def first_of_its_sample(options, index: int) -> bool:
     """From the sampler's definition: ascent = (ascent, sample) pairs, random = one evaluation per sample,
-    hmc = K leapfrogs then the sample evaluation."""
+    hmc = K leapfrogs then the sample evaluation. With an evaluation at theta0 first (``shared_ascent``,
+    ``tilt_every``), that one is sample 0's first; with ``backward_samples`` the s scores are one evaluation
+    per sample and the backwards at drawn samples come after them."""
+    if index == 0:
+        return True
+    origin = options.get("shared_ascent", False) or options.get("tilt_every", 1) > 1
+    i = index - origin  # position among the samples' evaluations
+    if origin and i == 0:
+        return False
+    if options.get("backward_samples") is not None:
+        return i < options["num_samples"]
+    if options.get("shared_ascent", False):
+        return True
     per_sample = {"ascent": 2, "random": 1, "hmc": options.get("hmc_steps", 1) + 1}[options["sampler"]]
-    return index % per_sample == 0
+    return i % per_sample == 0
 
 
 def make(momentum, options):
@@ -63,17 +86,18 @@ def run_steps(model, opt, x, loop: bool, before=None, after=None):
             run = opt.begin_step()
             for ev in run:
                 before and before(ev.index)
-                loss = model(x).square().mean()
-                loss.backward()
+                with torch.set_grad_enabled(ev.backward):  # a score (backward_samples): a forward only
+                    loss = model(x).square().mean()
+                ev.backward and loss.backward()
                 after and after(ev.index)
                 run.record(loss)
             run.finish()
         else:
-            def closure():
+            def closure(backward=True):
                 index = opt.closure_index
                 before and before(index)
                 loss = model(x).square().mean()
-                loss.backward()
+                backward and loss.backward()
                 after and after(index)
                 return loss
             opt.step(closure)
@@ -145,6 +169,27 @@ def test_policy_matches_its_oracle(policy, momentum, sampler, loop):
     before = int(model[1].num_batches_tracked)
     run_steps(model, opt, x, loop)
     assert int(model[1].num_batches_tracked) == before + STEPS * per_step
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["closure", "loop"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_per_sample_policy_over_every_variant(variant, loop):
+    """The numbering of the options beyond the samplers (an evaluation at theta0, forward-only scores, drawn
+    backwards, steps between full tilts): per_sample still matches the oracle bit for bit."""
+    options = VARIANTS[variant]
+    x = torch.randn(8, 3, 8, 8)
+    model, opt = make(0.1, options)
+    bn_update_per_sample(model, opt)
+    forwards = [0]
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    run_steps(model, opt, x, loop)
+    ref, ref_opt = make(0.1, options)
+    run_steps(ref, ref_opt, x, loop, *authors_oracle(ref, options))
+    assert_same_state(model, ref)
+    assert int(model[1].num_batches_tracked) == forwards[0]  # every training forward counts
+    fresh, fresh_opt = make(0.1, options)  # and the policy is not a no-op
+    run_steps(fresh, fresh_opt, x, loop)
+    assert not torch.equal(fresh[1].running_mean, model[1].running_mean)
 
 
 def test_once_per_step_is_one_forward_at_the_first_point():

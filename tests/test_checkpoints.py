@@ -488,3 +488,108 @@ def test_parameters_keep_their_own_storage():
     assert not moved, f"re-pointed: {moved}"
     assert len({s for _, s in after}) == len(params), "parameters share a storage"
     assert all(p.grad is None or p.grad.untyped_storage().data_ptr() not in {s for _, s in after} for p in params)
+
+
+# -- checkpoints taken inside a step ----------------------------------------------------------------------
+
+from tables import CONFIGS as _CONFIGS, TOYS, positions  # noqa: E402
+
+MID_STEP = positions(_CONFIGS["ascent"], _CONFIGS["hmc"], _CONFIGS["ascent-shared-adaptive"])
+
+
+def _preempted_step(config, position: int, loop: bool, handler):
+    """Two steps of ``frozen-net-bf16`` (mixed dtypes, a frozen layer); during the second step's evaluation
+    ``position`` a real SIGUSR1 is delivered to this process and ``handler(model, opt)`` runs in it, as a
+    preemption handler (Lightning's SLURM requeue, torchelastic's SIGTERM) would."""
+    import os
+    import signal
+    toy = TOYS["frozen-net-bf16"]
+    model = toy.model()
+    opt = config.build(model, lr=0.1, radius=0.05, seed=3)
+    x, y = toy.batch()
+    out = {}
+    previous = signal.signal(signal.SIGUSR1, lambda *_: out.update(handler(model, opt) or {}))
+    try:
+        for step in range(2):
+            if step == 1:
+                out["theta0"] = [p.detach().clone() for p in model.parameters()]
+
+            def evaluate():
+                if step == 1 and opt.closure_index == position:
+                    os.kill(os.getpid(), signal.SIGUSR1)  # delivered before the next bytecode: mid-evaluation
+                loss = toy.loss(model(x), y)
+                loss.backward()
+                return loss
+            if loop:
+                run = opt.begin_step()
+                for _ in run:
+                    run.record(evaluate())
+                run.finish()
+            else:
+                opt.step(evaluate)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    return model, opt, out
+
+
+def _save_unperturbed(model, opt):
+    with opt.unperturbed():
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        inner = [p.detach().clone() for p in model.parameters()]
+    return {"file": buffer.getvalue(), "inside": inner, "after": [p.detach().clone() for p in model.parameters()]}
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["closure", "loop"])
+@pytest.mark.parametrize("config, position", MID_STEP)
+def test_a_signal_handler_saves_theta0_and_the_step_goes_on(config, position, loop):
+    """A checkpoint written by a signal handler inside ``opt.unperturbed()`` holds theta0 and the optimizer
+    state of theta0 (loads into a fresh model and optimizer exactly), and the interrupted step ends bit for
+    bit where an uninterrupted one does."""
+    model, opt, out = _preempted_step(config, position, loop, _save_unperturbed)
+    clean, clean_opt, _ = _preempted_step(config, -1, loop, lambda *_: None)
+    for a, b in zip(model.parameters(), clean.parameters()):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["tsam"] == clean_opt.state_dict()["tsam"]
+    for inside, theta0 in zip(out["inside"], out["theta0"]):
+        assert torch.equal(inside, theta0)
+    at_origin = opt.config.plan[position].role == "origin"  # the evaluation at theta0 itself
+    assert at_origin != any(not torch.equal(a, t) for a, t in zip(out["after"], out["theta0"])), \
+        "the parameters after the handler are not the evaluation's point"
+    saved = torch.load(io.BytesIO(out["file"]), weights_only=True)
+    for (name, value), theta0 in zip(((n, v) for n, v in saved["model"].items()), out["theta0"]):
+        assert torch.equal(value, theta0), name
+    fresh = TOYS["frozen-net-bf16"].model()
+    fresh.load_state_dict(saved["model"])
+    fresh_opt = config.build(fresh, lr=0.1, radius=0.05, seed=3)
+    fresh_opt.load_state_dict(saved["opt"])
+    assert fresh_opt.step_count == 1
+
+
+def test_state_dict_inside_a_step_warns_and_is_theta0s():
+    """``opt.state_dict()`` at a perturbed point: the base-optimizer state is theta0's (a step changes it
+    only when it finishes) and a warning points to ``opt.unperturbed()``; inside that block, no warning."""
+    def handler(model, opt):
+        with pytest.warns(UserWarning, match="opt.unperturbed"):
+            bare = opt.state_dict()
+        with opt.unperturbed():
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                inside = opt.state_dict()
+        return {"bare": copy.deepcopy(bare), "inside": copy.deepcopy(inside)}
+    config = _CONFIGS["ascent"]
+    model, opt, out = _preempted_step(config, 1, False, handler)
+    assert out["bare"]["tsam"]["step"] == out["inside"]["tsam"]["step"] == 1
+    assert_same(out["bare"], out["inside"])
+
+
+def test_unperturbed_outside_a_step_does_nothing():
+    toy = TOYS["tiny-mlp"]
+    model = toy.model()
+    opt = _CONFIGS["ascent"].build(model, lr=0.1)
+    opt.step(toy.closure(model))
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.unperturbed():
+        pass
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -151,6 +151,50 @@ def test_zero_grad_inside_an_evaluation_keeps_the_flat_views():
 
 # -- abandoning the loop ------------------------------------------------------------------------
 
+# Every option that shapes a step's plan, for the numbering of its evaluations (both drivers)
+PLANS = {
+    **CONFIGS,
+    "backward-samples": dict(sampler="random", num_samples=3, backward_samples=2),
+    "backward-one-of-four": dict(sampler="random", num_samples=4, backward_samples=1),
+    "shared-backward-top": dict(shared_ascent=True, num_samples=3, backward_samples=1, backward_select="top"),
+    "tilt-every": dict(sampler="random", num_samples=2, tilt_every=2),
+    "tilt-every-hmc": dict(sampler="hmc", hmc_steps=2, num_samples=2, tilt_every=2),
+}
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["closure", "loop"])
+@pytest.mark.parametrize("name", list(PLANS))
+def test_index_is_the_position(name, loop):
+    """closure_index == ev.index == the evaluation's position in its step, in every plan (full steps and
+    the periodic tilt's steps between), and the plan is numbered 0, 1, ... (drawn samples included)."""
+    options = PLANS[name]  # (backward_samples draws for all groups at once: one tilt, one group here)
+    model, x, y, opt = _setup(groups="backward_samples" not in options, **options)
+    assert [ev.index for ev in opt.config.plan] == list(range(len(opt.config.plan)))
+    for _ in range(3):
+        expected = opt.evaluations_per_step
+        seen = []
+        if loop:
+            run = opt.begin_step()
+            for ev in run:
+                assert opt.closure_index == ev.index == len(seen) == run.evaluation.index
+                seen.append(ev.index)
+                with torch.set_grad_enabled(ev.backward):
+                    loss = _loss(model, x, y)
+                ev.backward and loss.backward()
+                run.record(loss)
+            run.finish()
+            assert [ev.index for ev in run.evaluations] == list(range(expected))
+            assert all(ev.sample >= 0 for ev in run.evaluations)  # the drawn samples are filled in
+        else:
+            def closure(backward=True):
+                seen.append(opt.closure_index)
+                loss = _loss(model, x, y)
+                backward and loss.backward()
+                return loss
+            opt.step(closure)
+        assert seen == list(range(expected))
+
+
 POSITIONS = [(name, k) for name in ("ascent", "hmc", "random-ball", "shared-ascent") for k in range(evaluations(CONFIGS[name]))]
 
 
@@ -238,6 +282,21 @@ def _closure_step_inside_loop(opt, model, x, y):
         opt.step(lambda: (l := _loss(model, x, y)).backward() or l)
 
 
+def _step_inside_step_caught(opt, model, x, y):
+    """The error caught (a try/except around a training step): the first run is abandoned all the same,
+    not left live at its perturbed point."""
+    run = opt.begin_step()
+    evaluations = iter(run)
+    next(evaluations)
+    theta0 = [b.clone() for b in run.buckets[0].backup_parts]
+    try:
+        opt.begin_step()
+    except RuntimeError as error:
+        assert run.state == "abandoned" and opt.closure_index is None
+        assert all(torch.equal(p, t) for p, t in zip(run.buckets[0].theta, theta0))
+        raise error
+
+
 def _no_backward(opt, model, x, y):
     run = opt.begin_step()
     for _ in run:
@@ -297,6 +356,7 @@ MISUSE = {
     "finish-inside-loop": (_finish_inside, RuntimeError, "after 1 of the step's 6 evaluations"),
     "step-inside-step": (_step_inside_step, RuntimeError, "already in progress"),
     "closure-step-inside-loop": (_closure_step_inside_loop, RuntimeError, "already in progress"),
+    "step-inside-step-caught": (_step_inside_step_caught, RuntimeError, "it was abandoned"),
     "no-backward": (_no_backward, RuntimeError, r"no parameter received a gradient in this evaluation"),
     "record-before-loop": (_record_before_loop, RuntimeError, "before the step's loop"),
     "skip-record": (_skip_record, RuntimeError, "was not recorded"),

@@ -11,8 +11,9 @@ alone, a batch-norm layer folds every one of them into its running statistics. T
 
 ``"per_sample"`` -- :func:`bn_update_per_sample` (the TSAM authors' loop)
     The first evaluation of each sample j updates ``running_mean``/``running_var`` (s updates per step);
-    the sample's later evaluations (its ``sample`` evaluation after an ascent, its later leapfrogs) leave
-    them unchanged. Like the authors' momentum-0 trick, every training forward still counts in
+    the sample's later evaluations (its ``sample`` evaluation after an ascent, its later leapfrogs, with
+    ``backward_samples`` the backward at a drawn sample it scored before; with ``shared_ascent`` the
+    evaluation at theta0 counts as sample 0's first) leave them unchanged. Like the authors' momentum-0 trick, every training forward still counts in
     ``num_batches_tracked`` (2s per ``ascent`` step), which also sets the weight 1/num_batches_tracked of
     ``momentum=None``: the statistics match that loop's bit for bit.
 
@@ -37,6 +38,7 @@ from typing import Callable, List, Tuple
 
 from torch import nn
 
+from .engine import live_run
 from .optimizer import TSAM
 
 __all__ = ["BN_POLICIES", "bn_running_stats", "bn_update_once_per_step", "bn_update_per_sample"]
@@ -107,9 +109,12 @@ def bn_update_per_sample(model: nn.Module, optimizer) -> _Handles:
     """Policy ``"per_sample"`` (the TSAM authors' loop): the first evaluation of each sample updates the
     running mean and variance; every training forward counts in ``num_batches_tracked``."""
     opt = _tsam_of(optimizer, "bn_update_per_sample")
-    plan = opt.config.plan
-    return _install(model, opt, "bn_update_per_sample",
-                    lambda index: index > 0 and plan[index].sample == plan[index - 1].sample, _STATS)
+
+    def revisit(index: int) -> bool:  # an earlier evaluation of this step was already at sample j's points
+        evaluations = live_run(opt).plan  # the live step's plan: samples drawn by backward_samples filled in
+        j = evaluations[index].sample
+        return any(ev.sample == j for ev in evaluations[:index])
+    return _install(model, opt, "bn_update_per_sample", revisit, _STATS)
 
 
 def bn_running_stats(model: nn.Module, optimizer, policy: str) -> _Handles:

@@ -19,9 +19,13 @@ state (step counter, base-optimizer state) unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import math
 import numbers
 import weakref
+import zlib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -162,22 +166,21 @@ class StepConfig:
 
     def _plan(self) -> Tuple[Evaluation, ...]:
         origin = self.shared_ascent or self.tilt_every > 1  # the periodic tilt needs g0 on its full steps
-        plan: List[Evaluation] = [Evaluation(0, 0, "origin")] if origin else []
+        # (sample, role, substep) in order; the index is the position, numbered once at the end
+        steps: List[Tuple[int, str, int]] = [(0, "origin", 0)] if origin else []
         if self.backward_samples is not None:  # s forwards, K backwards (docs/design.md §9)
-            plan.extend(Evaluation(len(plan) + j, j, "score") for j in range(self.num_samples))
-            plan.extend(Evaluation(len(plan) + k, -1, "sample") for k in range(self.backward_samples))
-            return tuple(plan)
-        if self.shared_ascent:  # s + 1 evaluations (docs/design.md §9)
-            plan.extend(Evaluation(1 + j, j, "sample") for j in range(self.num_samples))
-            return tuple(plan)
-        for j in range(self.num_samples):
-            if self.sampler == "ascent":
-                plan.append(Evaluation(len(plan), j, "ascent"))
-            elif self.sampler == "hmc":
-                base = len(plan)
-                plan.extend([Evaluation(base + k, j, "leapfrog", k) for k in range(self.hmc_steps)])
-            plan.append(Evaluation(len(plan), j, "sample"))
-        return tuple(plan)
+            steps += [(j, "score", 0) for j in range(self.num_samples)]
+            steps += [(-1, "sample", 0)] * self.backward_samples
+        elif self.shared_ascent:  # s + 1 evaluations (docs/design.md §9)
+            steps += [(j, "sample", 0) for j in range(self.num_samples)]
+        else:
+            for j in range(self.num_samples):
+                if self.sampler == "ascent":
+                    steps.append((j, "ascent", 0))
+                elif self.sampler == "hmc":
+                    steps += [(j, "leapfrog", k) for k in range(self.hmc_steps)]
+                steps.append((j, "sample", 0))
+        return tuple(Evaluation(i, j, role, k) for i, (j, role, k) in enumerate(steps))
 
     @property
     def evaluations_per_step(self) -> int:
@@ -331,16 +334,25 @@ class Guard:
         if self.check and self.scaler is None and not clipped:
             self._gradient(self._grad_sum("grad"))
 
-    def failed(self) -> bool:
-        """The step's one host read (check_finite only): was any loss or gradient non-finite? On a sharded
-        model each rank checked its own shard's gradients: one all-reduce makes the verdict every rank's."""
-        if not self.check:
-            return False
-        if self.run.layout.shard_group is not None:
-            bad = (~self.finite).to(self.run.dtype)
-            torch.distributed.all_reduce(bad, group=self.run.pg)
-            return bool(bad > 0)
-        return not bool(self.finite)
+    def failed(self, out_of_step: Optional[torch.Tensor] = None) -> Tuple[bool, bool]:
+        """The step's one host read: (was any loss or gradient non-finite (check_finite only), did an
+        all-reduce pair evaluations of different steps across the ranks (``out_of_step``, a device flag:
+        multi-rank runs only)). On a sharded model each rank checked its own shard's gradients: one
+        all-reduce makes the finiteness verdict every rank's."""
+        flags = []
+        if self.check:
+            bad = ~self.finite
+            if self.run.layout.shard_group is not None:
+                bad = bad.to(self.run.dtype)
+                torch.distributed.all_reduce(bad, group=self.run.pg)
+                bad = bad > 0
+            flags.append(bad)
+        if out_of_step is not None:
+            flags.append(out_of_step)
+        if not flags:
+            return False, False
+        read = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
+        return (bool(read[0]) if self.check else False), (bool(read[-1]) if out_of_step is not None else False)
 
     def base_step(self, base_optimizer) -> None:
         if self.scaler is None:
@@ -398,6 +410,13 @@ class StepRun:
         self.slots = [_Slot(b, opt._backend_for(b.device, b.dtype), b.group_index) for b in self.buckets]
         self.group0 = self.buckets[0].group_index
         self.pg, self.world = _loss_group(opt.process_group)
+        # which step and evaluation each all-reduce of the losses belongs to (docs/design.md §6.1): this
+        # run's number among the runs begun since construction or load_state_dict, and what each such
+        # all-reduce brought back (evaluation position, summed tag bits), read once at the end of the step
+        self.attempt = opt._attempts
+        opt._attempts += 1
+        self._tagged: List[Tuple[int, torch.Tensor]] = []
+        self._out_of_step: Optional[torch.Tensor] = None
         # a sharded model's norms are sums over the shard group; packed with the loss's all-reduce when that
         # group spans the same ranks (FSDP2 on a 1-D mesh), else one collective each (HSDP)
         self.shard_group = layout.shard_group
@@ -420,6 +439,7 @@ class StepRun:
         self._awaiting = False      # an evaluation was handed out and its loss not recorded yet
         self._iterating = False
         self._backed_up = False
+        self._theta0_view = False   # inside at_theta0(): the parameters are at theta0 for a checkpoint
         self.by_closure = False     # driven by TSAM.step(closure): error messages speak of the closure
         self.state = "running"      # -> "evaluated" -> "finished"; or "abandoned"
         self.result: Optional[torch.Tensor] = None
@@ -439,7 +459,7 @@ class StepRun:
 
     def __iter__(self) -> Iterator[Evaluation]:
         if self._iterating or self._position:
-            self.abandon()
+            self._fail()
             raise RuntimeError("a TSAM step is iterated once: this run's loop was already started (the step is "
                                "abandoned; call opt.begin_step() for a new one)")
         self._iterating = True
@@ -455,13 +475,13 @@ class StepRun:
                 self._awaiting = True
                 yield plan[self._position]
                 if self._awaiting:
-                    self.abandon()
+                    self._fail()
                     raise RuntimeError(
                         f"evaluation {self._position} ({plan[self._position].role}) of the TSAM step was not "
                         "recorded: call run.record(loss) after its backward, before the next one (the step was "
                         "abandoned: parameters restored)")
         except GeneratorExit:  # the loop was left early: break, an exception, or the loop object dropped
-            self.abandon()
+            self._fail()
             raise
 
     def record(self, loss) -> None:
@@ -492,7 +512,7 @@ class StepRun:
             with torch.no_grad():
                 self._after(ev, loss)
         except BaseException:
-            self.abandon()
+            self._fail()
             raise
 
     def finish(self) -> torch.Tensor:
@@ -501,7 +521,7 @@ class StepRun:
         if self.state != "evaluated":
             done = self.state in ("finished", "abandoned")
             position = self._position
-            self.abandon()
+            self._fail()
             if done:
                 raise RuntimeError(f"this TSAM step was already {self.state}; begin a new one with opt.begin_step()")
             raise RuntimeError(
@@ -520,7 +540,12 @@ class StepRun:
         opt.last_loss_range = losses.max() - losses.min()
         tilted = tilted_loss(losses, tilt0, shift if tau0 == tilt0 else None)
         self._release()
-        if self.guard.failed():  # check_finite's one host read
+        failed, out_of_step = self.guard.failed(self._out_of_step)  # the step's one host read
+        if out_of_step:
+            error = self._desync_error()
+            self._fail()
+            raise error
+        if failed:
             self.state = "abandoned"
             for p in self.layout.params:
                 p.grad = None
@@ -538,9 +563,42 @@ class StepRun:
         self.result = tilted
         return tilted
 
+    @property
+    def perturbed(self) -> bool:
+        """Whether the parameters are away from theta0 now (the step is between its start and its last
+        evaluation's move, and not inside :meth:`at_theta0`)."""
+        return (self.state == "running" and self._backed_up and not self._theta0_view
+                and self.plan[self._position].role != "origin")
+
+    @contextlib.contextmanager
+    def at_theta0(self) -> Iterator[None]:
+        """The parameters at theta0 for the duration (a checkpoint from inside the step: a signal handler,
+        a callback), then back at the point they were at, bit for bit (docs/design.md §8.2). Gradients and
+        the step's own state are not touched; nested uses are no-ops."""
+        if not self._backed_up or self._theta0_view or self.state not in ("running", "evaluated"):
+            yield
+            return
+        with torch.no_grad():
+            here = []
+            for b in self.buckets:
+                point = torch.empty(b.numel, dtype=b.dtype, device=b.device)
+                b.gather(point)
+                here.append(point)
+                b.restore()
+        self._theta0_view = True
+        try:
+            yield
+        finally:
+            self._theta0_view = False
+            with torch.no_grad():
+                for b, point in zip(self.buckets, here):
+                    torch._foreach_copy_(b.theta, list(point.split(b.sizes)))
+                    b.publish()
+
     def abandon(self) -> None:
         """Undo the step: parameters back to theta0 exactly, no gradients left behind, state unchanged.
-        Idempotent; called on every error path and when the loop is left early."""
+        Idempotent. On several ranks, a deliberate abandon must happen on every rank at the same evaluation
+        (their collectives so far were paired); an error's abandon (:meth:`_fail`) is taken as one rank's."""
         if self.state in ("finished", "abandoned"):
             return
         self.state = "abandoned"
@@ -553,9 +611,20 @@ class StepRun:
             p.grad = None
         self._release()
 
+    def _fail(self) -> None:
+        """:meth:`abandon` on an error path (an exception in an evaluation, misuse, the loop left early, the
+        run dropped). On several ranks the others may be inside this step's collectives, which no later step
+        of this rank can pair correctly: the optimizer refuses further steps (docs/design.md §6.1) until
+        ``load_state_dict`` resumes every rank from a checkpoint."""
+        live = self.state in ("running", "evaluated")
+        self.abandon()
+        if live and self.world > 1 and self.opt._broken is None:
+            self.opt._broken = (f"step {self.k} was abandoned on this rank by an error at evaluation "
+                                f"{self._position} of {len(self.plan)}")
+
     def __del__(self):
         try:
-            self.abandon()
+            self._fail()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
 
@@ -634,13 +703,22 @@ class StepRun:
         dist = torch.distributed
         average = self.world > 1 and loss is not None
         shared = self.shard_group is not None and bool(norms)
-        if average and shared and self.one_group:  # FSDP2 on a 1-D mesh: one all-reduce for all of them
-            packed = torch.stack([loss] + sharded)
+        with_loss = average and shared and self.one_group  # FSDP2 on a 1-D mesh: one all-reduce for all
+        if average:  # the loss, (the shard norms if the group is the same,) a non-finite flag, the tag bits
+            tag = self._tag_bits()
+            head = [loss] + (sharded if with_loss else [])
+            if self.guard.check:  # a rank's non-finite loss at an evaluation whose loss is not averaged
+                head.append((~self.guard.finite).to(self.dtype))
+            packed = torch.cat([torch.stack(head), tag])
             dist.all_reduce(packed, group=self.pg)
-            loss, sharded = packed[0], list(packed[1:])
-        else:
-            if average:
-                dist.all_reduce(loss, group=self.pg)
+            n = len(packed) - len(tag)
+            loss = packed[0]
+            if with_loss:
+                sharded = list(packed[1:1 + len(sharded)])
+            if self.guard.check:
+                self.guard.finite &= packed[n - 1] == 0
+            self._check_tag(packed[n:], tag)
+        if not with_loss:
             if shared:
                 packed = torch.stack(sharded)
                 dist.all_reduce(packed, group=self.shard_group)
@@ -649,6 +727,49 @@ class StepRun:
             loss = loss / self.world
         totals = [a if b is None else b if a is None else a + b for a, b in zip(sharded, plain)]
         return loss, totals
+
+    def _tag_bits(self) -> torch.Tensor:
+        """This evaluation's tag as 0/1 values (docs/design.md §6.1): the configuration's fingerprint, the
+        run's number and the evaluation's position, _TAG_BITS bits each, on the step's device (cached)."""
+        cache = self._scalars
+        parts = []
+        for kind, value in (("config", _fingerprint(self.config, self.opt.seed)), ("attempt", self.attempt),
+                            ("position", self._position - 1)):
+            value &= (1 << _TAG_BITS[kind]) - 1
+            bits = cache.get((kind, value))
+            if bits is None:
+                bits = cache[(kind, value)] = torch.tensor([(value >> i) & 1 for i in range(_TAG_BITS[kind])],
+                                                           dtype=self.dtype, device=self.device)
+            parts.append(bits)
+        return torch.cat(parts)
+
+    def _check_tag(self, summed: torch.Tensor, own: torch.Tensor) -> None:
+        """Every rank's bit i is the same iff the sum is 0 or the world size where this rank has 0 or 1:
+        any rank that differs in any bit is seen by every rank. Kept on the device until the step's end."""
+        off = (summed != own * self.world).any()
+        self._out_of_step = off if self._out_of_step is None else self._out_of_step | off
+        self._tagged.append((self._position - 1, summed))
+        if not self.opt._tags_seen:  # the first one since construction: read at once, so that options that
+            self.opt._tags_seen = True  # differ between ranks fail every rank here, in the same collective
+            error = self._desync_error()
+            if error is not None:
+                raise error
+
+    def _desync_error(self) -> Optional[RuntimeError]:
+        """The error for an all-reduce that paired this rank's evaluation with another step or evaluation
+        on another rank (read once, at the end of the step, with check_finite's read); None if all agree."""
+        for position, summed in self._tagged:
+            own = self._tag_bits_at(position)
+            if bool((summed != own * self.world).any()):
+                return RuntimeError(_desync_message(self, position, summed, own))
+        return None
+
+    def _tag_bits_at(self, position: int) -> torch.Tensor:
+        saved, self._position = self._position, position + 1
+        try:
+            return self._tag_bits()
+        finally:
+            self._position = saved
 
     def _grad_parts(self, adaptive: bool = False) -> List[torch.Tensor]:
         return [s.backend.grad_sqnorm(s.bucket, adaptive) for s in self.slots]
@@ -709,7 +830,7 @@ class StepRun:
                     s.backend.perturb(s.bucket, seed, self._per_group(coefs, s), save_backup=True)
             self._backed_up = True
         except BaseException:
-            self.abandon()
+            self._fail()
             raise
 
     def _after(self, ev: Evaluation, loss: torch.Tensor) -> None:
@@ -912,6 +1033,47 @@ class StepRun:
                                self._on(inv_z[tau], s.bucket), first)
         self.guard.after_samples(clipped=cfg.max_grad_norm is not None)
         self._evaluated()
+
+
+# bits of each field of an all-reduce's tag (docs/design.md §6.1): runs and positions that differ by less
+# than 256 are always told apart; two different configurations collide with probability 2**-16
+_TAG_BITS = {"config": 16, "attempt": 8, "position": 8}
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(config: StepConfig, seed: int) -> int:
+    """What must agree across ranks for their steps to be the same step: the step's options and the seed."""
+    fields = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
+    return zlib.crc32(repr((fields, seed)).encode())
+
+
+def _tag_fields(bits: List[float]) -> Dict[str, int]:
+    out, i = {}, 0
+    for kind, n in _TAG_BITS.items():
+        out[kind] = sum(int(round(b)) << k for k, b in enumerate(bits[i:i + n]))
+        i += n
+    return out
+
+
+def _desync_message(run: "StepRun", position: int, summed: torch.Tensor, own: torch.Tensor) -> str:
+    mine = _tag_fields(own.tolist())
+    where = (f"TSAM step {run.k}: the ranks are out of step. This rank's all-reduce of evaluation {position} "
+             f"({run.plan[position].role}) of its run {run.attempt}")
+    if run.world == 2:  # the other rank's tag is the sum minus ours
+        theirs = _tag_fields((summed - own).tolist())
+        if theirs["config"] != mine["config"]:
+            what = ("paired with a rank whose TSAM configuration differs (sampler, num_samples, seed, tilt_every, "
+                    "backward_samples, ...): construct TSAM with the same options on every rank")
+        else:
+            what = (f"paired with the other rank's evaluation {theirs['position']} of its run "
+                    f"{theirs['attempt'] + (run.attempt & ~255)}")
+    else:
+        what = "paired with a different evaluation, run or configuration on another rank"
+    return (f"{where} {what}. A rank that catches an error in a step and goes on to its next batch, or a "
+            "configuration that differs between ranks, does this; the collectives cannot be paired again. "
+            "Parameters are back at theta0 and the optimizer state is unchanged on this rank, and every rank "
+            "raises this at the end of the step: stop, and resume every rank from the last checkpoint (loading "
+            "TSAM's state_dict renumbers the runs on every rank).")
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ engine decides what happens in a step (docs/design.md §1-3, §8); the backend's
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -156,6 +157,9 @@ class TSAM(torch.optim.Optimizer):
         self._layout: Optional[FlatLayout] = None
         self._backends: Dict[Tuple[torch.device, torch.dtype], object] = {}
         self._step_count = 0
+        self._attempts = 0  # runs begun (finished or not) since construction or load_state_dict: the tags
+        self._tags_seen = False  # the first tagged all-reduce is checked at once (tsam_fast.engine)
+        self._broken: Optional[str] = None  # several ranks: why a step failed here; no further step until a load
         self._run = None  # weak reference to the step in progress (tsam_fast.engine.live_run)
         self._correction = None  # tilt_every > 1: ||g0||^2 of the cached correction (tsam_fast.engine)
         self._constants: Dict = {}  # (device, dtype) -> constant step scalars (tsam_fast.engine.StepRun)
@@ -228,12 +232,35 @@ class TSAM(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(param_group)
         self._invalidate_layout()
 
+    def unperturbed(self):
+        """A context manager for a consistent checkpoint from inside a step (a preemption signal handler,
+        a callback between evaluations, another thread): the parameters are at theta0 for its duration and
+        back at the step's current point, bit for bit, after it; the step goes on as if nothing happened.
+        Outside a step it does nothing. Save inside it::
+
+            with opt.unperturbed():
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+
+        (``state_dict()`` values share the parameters' storage: write them, or copy them, inside the
+        block.) It holds one copy of the perturbed parameters meanwhile."""
+        run = live_run(self)
+        return run.at_theta0() if run is not None else contextlib.nullcontext()
+
     def state_dict(self) -> dict:
         """The base optimizer's state_dict plus ``"tsam"``: the step counter and seed.
 
         Callable tilts (schedules) are code, not state: they are saved as None and the optimizer's
-        own schedule is kept on load.
+        own schedule is kept on load. Taken during a step, it is the state as of theta0 (a step changes
+        the state only when it finishes) and it warns, since the model's parameters are perturbed then:
+        save the model and this inside ``with opt.unperturbed():``.
         """
+        run = live_run(self)
+        if run is not None and run.perturbed:
+            warnings.warn(
+                f"TSAM.state_dict() during step {self._step_count} (evaluation {self.closure_index}): the "
+                "optimizer state is theta0's, but the model's parameters are perturbed right now, so a "
+                "checkpoint of the model taken here would hold theta0 + a perturbation. Save inside "
+                "`with opt.unperturbed():` (the parameters at theta0 for its duration).", stacklevel=2)
         sd = self.base_optimizer.state_dict()
         for group in sd["param_groups"]:
             if callable(group.get("tilt")):
@@ -273,6 +300,8 @@ class TSAM(torch.optim.Optimizer):
                 group["tilt"] = tilt
         self._step_count = int(tsam["step"])
         self.seed = int(tsam["seed"])
+        self._attempts = 0  # every rank resumes from here: their runs are numbered alike again
+        self._broken = None
         self._invalidate_layout()
 
     def __getstate__(self) -> dict:
@@ -290,6 +319,9 @@ class TSAM(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_run", None)
+        self.__dict__.setdefault("_attempts", 0)
+        self.__dict__.setdefault("_tags_seen", False)
+        self.__dict__.setdefault("_broken", None)
         self.__dict__.setdefault("_constants", {})
         self.__dict__.setdefault("_correction", None)
 
@@ -409,12 +441,22 @@ class TSAM(torch.optim.Optimizer):
         parameters back at theta0 exactly, no gradients, optimizer state unchanged.
         """
         running = live_run(self)
-        if running is not None:
+        if running is not None:  # misuse: the step in progress is abandoned (theta0 back), none is started
+            running._fail()
             if running.by_closure:
                 raise RuntimeError("TSAM.step was called from inside its own closure (or begin_step() during a "
-                                   "step(closure)); a step cannot start inside a step")
+                                   "step(closure)); a step cannot start inside a step (the step in progress was "
+                                   "abandoned: parameters restored to theta0)")
             raise RuntimeError("a TSAM step is already in progress: begin_step() (or step()) was called before the "
-                               "previous run finished; finish it with run.finish(), or run.abandon() it")
+                               "previous run finished (it was abandoned: parameters restored to theta0, state "
+                               "unchanged); finish a run with run.finish(), or run.abandon() it, before the next")
+        if self._broken is not None:
+            raise RuntimeError(
+                f"TSAM will not start a step on this rank: {self._broken}, while the other ranks may have gone "
+                "on with that step's collectives, which a later step of this rank would pair wrongly (the ranks' "
+                "parameters would drift apart silently). Parameters are at theta0 of that step. Stop this rank "
+                "(the others then fail in their pending collective, at the latest at the process group's "
+                "timeout) and resume every rank from the last checkpoint: load_state_dict clears this.")
         layout = self._ensure_layout()
         if not layout.buckets:
             if not any(g["params"] for g in self.param_groups):
@@ -465,7 +507,7 @@ class TSAM(torch.optim.Optimizer):
                 run.record(loss)
             return run.finish()
         except BaseException:
-            run.abandon()
+            run._fail()
             raise
 
 
