@@ -15,6 +15,9 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
+import signal
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -27,7 +30,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from tsam_fast import TSAM
 
-from tables import assert_same, one_thread, run_ranks  # noqa: F401  (one_thread: fixture)
+from tables import CONFIGS as _CONFIGS, TOYS, assert_same, one_step, one_thread, positions, run_ranks  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -492,8 +495,6 @@ def test_parameters_keep_their_own_storage():
 
 # -- checkpoints taken inside a step ----------------------------------------------------------------------
 
-from tables import CONFIGS as _CONFIGS, TOYS, positions  # noqa: E402
-
 MID_STEP = positions(_CONFIGS["ascent"], _CONFIGS["hmc"], _CONFIGS["ascent-shared-adaptive"])
 
 
@@ -501,8 +502,6 @@ def _preempted_step(config, position: int, loop: bool, handler):
     """Two steps of ``frozen-net-bf16`` (mixed dtypes, a frozen layer); during the second step's evaluation
     ``position`` a real SIGUSR1 is delivered to this process and ``handler(model, opt)`` runs in it, as a
     preemption handler (Lightning's SLURM requeue, torchelastic's SIGTERM) would."""
-    import os
-    import signal
     toy = TOYS["frozen-net-bf16"]
     model = toy.model()
     opt = config.build(model, lr=0.1, radius=0.05, seed=3)
@@ -520,13 +519,7 @@ def _preempted_step(config, position: int, loop: bool, handler):
                 loss = toy.loss(model(x), y)
                 loss.backward()
                 return loss
-            if loop:
-                run = opt.begin_step()
-                for _ in run:
-                    run.record(evaluate())
-                run.finish()
-            else:
-                opt.step(evaluate)
+            one_step(opt, evaluate, loop)
     finally:
         signal.signal(signal.SIGUSR1, previous)
     return model, opt, out
@@ -573,7 +566,6 @@ def test_state_dict_inside_a_step_warns_and_is_theta0s():
         with pytest.warns(UserWarning, match="opt.unperturbed"):
             bare = opt.state_dict()
         with opt.unperturbed():
-            import warnings
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 inside = opt.state_dict()

@@ -29,7 +29,7 @@ from torch import nn
 
 from tsam_fast import TSAM
 
-from tables import free_port, run_ranks
+from tables import free_port, one_step, run_ranks
 
 WORLD = 2
 STEPS = 4  # a clean step, the faulty one, then room for the loop to go on
@@ -106,13 +106,7 @@ def _worker(rank, port, out, kind, fault, position):
         theta0, before = [_local(p) for p in params], opt.step_count
         started = time.monotonic()
         try:
-            if loop:
-                run = opt.begin_step()
-                for _ in run:
-                    run.record(evaluate())
-                run.finish()
-            else:
-                opt.step(evaluate)
+            one_step(opt, evaluate, loop)
         except Injected:
             if fault == "raise-exit":
                 outcome.update(error="Injected", seconds=0.0, steps_before=before, steps_after=opt.step_count,
