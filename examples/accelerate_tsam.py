@@ -17,7 +17,9 @@ gradient before the parameters move to the next point. Nor is the wrapper's ``op
 needs its evaluations; ``run.finish()`` is the step). ``accelerator.save_state``/``load_state`` checkpoint
 the model, TSAM's state_dict (with its step counter and seed) and the scheduler; a resumed run continues
 the identical trajectory, with Accelerate's defaults (safetensors: TSAM leaves every parameter in its own
-storage). fp16 with
+storage). A preemption signal (``--preempt-dir``) saves the same state from wherever it lands, inside a
+step too (at theta0, through ``TSAM.unperturbed()``), and ``--resume`` from it continues the identical
+trajectory. fp16 with
 Accelerate's GradScaler is not supported (use bf16): the scaler would see only the final gradient, not an
 overflow in an ascent evaluation.
 """
@@ -28,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -45,10 +48,32 @@ TSAM_OPTIONS = dict(momentum=0.9, weight_decay=5e-4, num_samples=2, tilt=1.0, ra
 STEPS_PER_EPOCH = 4  # 64 images, batch 16, in one process
 
 
+def save_on_preemption(accelerator, tsam, directory, signals=(signal.SIGTERM, signal.SIGUSR1)) -> dict:
+    """Preemption (torchelastic's SIGTERM, SLURM's SIGUSR1): on one process, save at once, wherever the
+    signal lands -- inside a TSAM step too, where ``tsam.unperturbed()`` puts the weights at theta0 for the
+    save and back after it --, then stop after the current step. On several processes the handler only asks
+    the loop to stop: ``save_state`` synchronises the processes, which a signal handler running inside a
+    step would pair with the step's collectives; the loop saves after ``run.finish()``, where every
+    process is. Returns the flags the loop reads."""
+    flags = dict(stop=False, saved=False, previous={s: signal.getsignal(s) for s in signals})
+
+    def handler(signum, frame):
+        if accelerator.num_processes == 1:
+            with tsam.unperturbed():
+                accelerator.save_state(directory)
+            flags["saved"] = True
+        flags["stop"] = True
+    for s in signals:
+        signal.signal(s, handler)
+    return flags
+
+
 def train(epochs: int = 4, micro_batches: int = 2, mixed_precision: str = "bf16", save=None, resume=None,
-          total_epochs: int = 4, lr: float = 0.1, seed: int = 0):
+          total_epochs: int = 4, lr: float = 0.1, seed: int = 0, preempt_dir=None, on_evaluation=None):
     """Train up to ``epochs`` (of a schedule planned for ``total_epochs``); returns (accelerator, model, tsam,
-    losses)."""
+    losses). ``preempt_dir``: where a preemption signal saves the state (:func:`save_on_preemption`); the
+    run then stops. ``on_evaluation(step, index)``: called at the start of each evaluation (the tests send a
+    signal from it)."""
     accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
     torch.manual_seed(seed)
     model = TinyResNet()
@@ -60,17 +85,25 @@ def train(epochs: int = 4, micro_batches: int = 2, mixed_precision: str = "bf16"
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     tsam = opt.optimizer  # the TSAM instance inside Accelerate's wrapper
-    first_epoch = 0
+    first_epoch = skip = 0
     if resume:
         accelerator.load_state(resume)
-        first_epoch = tsam.step_count // len(loader)  # checkpoints are saved at epoch ends
+        # a checkpoint from an epoch's end, or from a preemption: skip the batches its steps already took
+        first_epoch, skip = divmod(tsam.step_count, len(loader))
+    flags = save_on_preemption(accelerator, tsam, preempt_dir) if preempt_dir else dict(stop=False)
 
     losses = []
-    for _ in range(first_epoch, epochs):
-        for xb, yb in loader:
+    for epoch in range(first_epoch, epochs):
+        for b, (xb, yb) in enumerate(loader):
+            if epoch == first_epoch and b < skip:
+                continue
+            if flags["stop"]:
+                break
             parts = list(zip(xb.chunk(micro_batches), yb.chunk(micro_batches)))
             run = tsam.begin_step()
             for ev in run:
+                if on_evaluation is not None:
+                    on_evaluation(tsam.step_count, ev.index)
                 total = 0.0
                 for i, (xm, ym) in enumerate(parts):
                     last = i == len(parts) - 1
@@ -81,6 +114,12 @@ def train(epochs: int = 4, micro_batches: int = 2, mixed_precision: str = "bf16"
                 run.record(total)
             losses.append(run.finish())
             sched.step()
+        if flags["stop"]:
+            break
+    for s, previous in flags.get("previous", {}).items():
+        signal.signal(s, previous)
+    if flags["stop"] and not flags["saved"]:  # several processes: save here, between steps
+        accelerator.save_state(preempt_dir)
     if save:
         accelerator.save_state(save)
     return accelerator, model, tsam, losses
@@ -92,11 +131,12 @@ def main(argv=None):
     p.add_argument("--micro-batches", type=int, default=2)
     p.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"])
     p.add_argument("--save", help="directory for accelerator.save_state at the end")
-    p.add_argument("--resume", help="a directory written by --save")
+    p.add_argument("--resume", help="a directory written by --save or --preempt-dir")
+    p.add_argument("--preempt-dir", help="on SIGTERM/SIGUSR1, save the state here and stop (resume with --resume)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # a tiny model: more threads only wait on each other
     accelerator, model, tsam, losses = train(args.epochs, args.micro_batches, args.mixed_precision, args.save,
-                                             args.resume)
+                                             args.resume, preempt_dir=args.preempt_dir)
     if accelerator.is_main_process:
         print(json.dumps(dict(tsam_steps=tsam.step_count, first_loss=float(losses[0]) if losses else None,
                               last_loss=float(losses[-1]) if losses else None)))

@@ -23,7 +23,8 @@ How TSAM fits Lightning (the README's "Trainers" section says why each choice):
   the scheduler and the model; a run resumed from an epoch-end checkpoint continues the identical
   trajectory, bit for bit (tests/test_integrations.py). From a mid-epoch checkpoint Lightning replays the
   epoch's data from its start unless the dataloader is resumable (it warns): TSAM's part still resumes
-  exactly, the data order does not.
+  exactly, the data order does not. A checkpoint taken inside a step (the SLURM requeue's signal handler)
+  holds the weights at theta0: ``on_save_checkpoint`` re-takes them inside ``TSAM.unperturbed()``.
 * Precision: ``--precision bf16-mixed`` works (autocast around the closure). ``16-mixed`` cannot: its plugin
   runs the closure once and then calls ``scaler.step(optimizer)`` without a closure.
 """
@@ -72,6 +73,14 @@ class TSAMClassifier(L.LightningModule):
         self._bn = bn_running_stats(self.net, opt, hp.bn_policy)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=hp.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        """A checkpoint taken inside a TSAM step (Lightning's SLURM requeue saves from its SIGUSR1 handler,
+        which runs in the middle of whatever the process was doing): the model's weights as of theta0, not
+        the perturbed point. Outside a step ``unperturbed()`` changes nothing."""
+        tsam = self.optimizers().optimizer
+        with tsam.unperturbed():  # copies: the state dict's tensors share the parameters' storage
+            checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
 
     def _sync(self, last: bool):
         """Under DDP, all-reduce gradients only in the last micro-batch's backward."""

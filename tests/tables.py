@@ -449,6 +449,17 @@ def faulty_closure(model: nn.Module, x: torch.Tensor, position: int, fault: str,
 # -- real ranks ------------------------------------------------------------------------------------
 
 
+def one_step(opt: TSAM, evaluate: Callable[[], torch.Tensor], loop: bool):
+    """One TSAM step whose evaluations call ``evaluate()`` (forward, backward, return the loss), driven by
+    ``step(closure)`` or, with ``loop``, by the closure-free ``begin_step()`` loop."""
+    if not loop:
+        return opt.step(evaluate)
+    run = opt.begin_step()
+    for _ in run:
+        run.record(evaluate())
+    return run.finish()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

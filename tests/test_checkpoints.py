@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -27,7 +29,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from tsam_fast import TSAM
 
-from tables import assert_same, one_thread, run_ranks  # noqa: F401  (one_thread: fixture)
+from tables import CONFIGS as _CONFIGS, TOYS, assert_same, one_step, one_thread, positions, run_ranks  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -492,17 +494,13 @@ def test_parameters_keep_their_own_storage():
 
 # -- checkpoints taken inside a step ----------------------------------------------------------------------
 
-from tables import CONFIGS as _CONFIGS, TOYS, positions  # noqa: E402
-
 MID_STEP = positions(_CONFIGS["ascent"], _CONFIGS["hmc"], _CONFIGS["ascent-shared-adaptive"])
 
 
-def _preempted_step(config, position: int, loop: bool, handler):
+def _preempted_step(config, position: int, loop: bool, handler, before: Optional[dict] = None):
     """Two steps of ``frozen-net-bf16`` (mixed dtypes, a frozen layer); during the second step's evaluation
     ``position`` a real SIGUSR1 is delivered to this process and ``handler(model, opt)`` runs in it, as a
     preemption handler (Lightning's SLURM requeue, torchelastic's SIGTERM) would."""
-    import os
-    import signal
     toy = TOYS["frozen-net-bf16"]
     model = toy.model()
     opt = config.build(model, lr=0.1, radius=0.05, seed=3)
@@ -513,6 +511,8 @@ def _preempted_step(config, position: int, loop: bool, handler):
         for step in range(2):
             if step == 1:
                 out["theta0"] = [p.detach().clone() for p in model.parameters()]
+                if before is not None:
+                    before["state_dict"] = copy.deepcopy(opt.state_dict())
 
             def evaluate():
                 if step == 1 and opt.closure_index == position:
@@ -520,13 +520,7 @@ def _preempted_step(config, position: int, loop: bool, handler):
                 loss = toy.loss(model(x), y)
                 loss.backward()
                 return loss
-            if loop:
-                run = opt.begin_step()
-                for _ in run:
-                    run.record(evaluate())
-                run.finish()
-            else:
-                opt.step(evaluate)
+            one_step(opt, evaluate, loop)
     finally:
         signal.signal(signal.SIGUSR1, previous)
     return model, opt, out
@@ -566,22 +560,20 @@ def test_a_signal_handler_saves_theta0_and_the_step_goes_on(config, position, lo
     assert fresh_opt.step_count == 1
 
 
-def test_state_dict_inside_a_step_warns_and_is_theta0s():
-    """``opt.state_dict()`` at a perturbed point: the base-optimizer state is theta0's (a step changes it
-    only when it finishes) and a warning points to ``opt.unperturbed()``; inside that block, no warning."""
+def test_state_dict_inside_a_step_is_theta0s():
+    """``opt.state_dict()`` at a perturbed point: the state as of theta0 (a step changes it only when it
+    finishes), the same inside ``opt.unperturbed()`` and out, and the same as before the step began."""
     def handler(model, opt):
-        with pytest.warns(UserWarning, match="opt.unperturbed"):
-            bare = opt.state_dict()
+        bare = copy.deepcopy(opt.state_dict())
         with opt.unperturbed():
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                inside = opt.state_dict()
-        return {"bare": copy.deepcopy(bare), "inside": copy.deepcopy(inside)}
+            inside = copy.deepcopy(opt.state_dict())
+        return {"bare": bare, "inside": inside}
     config = _CONFIGS["ascent"]
-    model, opt, out = _preempted_step(config, 1, False, handler)
+    before = {}
+    model, opt, out = _preempted_step(config, 1, False, handler, before)
     assert out["bare"]["tsam"]["step"] == out["inside"]["tsam"]["step"] == 1
     assert_same(out["bare"], out["inside"])
+    assert_same(out["bare"], before["state_dict"])
 
 
 def test_unperturbed_outside_a_step_does_nothing():
@@ -593,3 +585,41 @@ def test_unperturbed_outside_a_step_does_nothing():
     with opt.unperturbed():
         pass
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("policy", ["once_per_step", "per_sample"])
+def test_unperturbed_puts_batch_norm_statistics_back_as_the_step_began(policy):
+    """With a batch-norm policy installed, the running statistics inside ``unperturbed()`` are those the
+    step began with (a checkpoint taken there and resumed redoes the step exactly), and the step then ends
+    bit for bit as one without the block."""
+    from tsam_fast import bn_running_stats
+    x = torch.randn(16, 4)
+
+    def run(block: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
+        opt = TSAM(model.parameters(), torch.optim.SGD, lr=0.1, num_samples=2, seed=1)
+        bn_running_stats(model, opt, policy)
+        seen = {}
+        for step in range(2):
+            start = {k: v.clone() for k, v in model.state_dict().items()}
+
+            def closure():
+                if block and step == 1 and opt.closure_index == 3:  # three forwards of this step so far
+                    before = {k: v.clone() for k, v in model.state_dict().items()}
+                    with opt.unperturbed():
+                        seen["inside"] = {k: v.clone() for k, v in model.state_dict().items()}
+                    seen["after"] = {k: v.clone() for k, v in model.state_dict().items()}
+                    seen.update(start=start, before=before)
+                loss = model(x).square().mean()
+                loss.backward()
+                return loss
+            opt.step(closure)
+        return model.state_dict(), seen
+
+    clean, _ = run(False)
+    final, seen = run(True)
+    assert_same(final, clean)
+    assert_same(seen["inside"], seen["start"])  # parameters at theta0 and statistics as the step began
+    assert_same(seen["after"], seen["before"])
+    assert not torch.equal(seen["before"]["1.running_mean"], seen["start"]["1.running_mean"])

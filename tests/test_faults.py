@@ -1,5 +1,5 @@
 """Faults on one rank of a distributed run: a table, each row run on 2 real gloo processes (DDP, and FSDP2
-for a subset), never hanging (``run_ranks`` kills a run that outlives its bound, and the process group has
+and HSDP for a subset), never hanging (``run_ranks`` kills a run that outlives its bound, and the process group has
 a short timeout).
 
 Each row injects one fault on rank 0 at one evaluation position of the second step (the first is clean),
@@ -29,7 +29,7 @@ from torch import nn
 
 from tsam_fast import TSAM
 
-from tables import free_port, run_ranks
+from tables import free_port, one_step, run_ranks
 
 WORLD = 2
 STEPS = 4  # a clean step, the faulty one, then room for the loop to go on
@@ -53,7 +53,10 @@ def _wrap(kind, model):
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh("cpu", (WORLD,))
+    # FSDP2 on a 1-D mesh, or HSDP: 2 replicas of a 1-way shard (the norms' collective over the shard
+    # group, the tagged loss all-reduce over every rank)
+    mesh = init_device_mesh("cpu", (WORLD,)) if kind == "fsdp2" else \
+        init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
     fully_shard(model.inp, mesh=mesh)
     fully_shard(model.out, mesh=mesh)
     return fully_shard(model, mesh=mesh)
@@ -106,13 +109,7 @@ def _worker(rank, port, out, kind, fault, position):
         theta0, before = [_local(p) for p in params], opt.step_count
         started = time.monotonic()
         try:
-            if loop:
-                run = opt.begin_step()
-                for _ in run:
-                    run.record(evaluate())
-                run.finish()
-            else:
-                opt.step(evaluate)
+            one_step(opt, evaluate, loop)
         except Injected:
             if fault == "raise-exit":
                 outcome.update(error="Injected", seconds=0.0, steps_before=before, steps_after=opt.step_count,
@@ -148,6 +145,9 @@ for _kind in ("ddp", "fsdp2"):
     ROWS[(_kind, "num_samples", 0)] = (OUT_OF_STEP, OUT_OF_STEP)
     ROWS[(_kind, "closure-vs-loop", 0)] = (None, None)
 ROWS[("fsdp2", "nan-grad", 1)] = ("NonFiniteLossError", "NonFiniteLossError")
+for _fault, _p, _want in (("raise-continue", 1, (REFUSED, "")), ("nan-loss", 0, ("NonFiniteLossError",) * 2),
+                          ("seed", 0, (OUT_OF_STEP,) * 2), ("closure-vs-loop", 0, (None, None))):
+    ROWS[("hsdp", _fault, _p)] = _want
 
 
 @pytest.mark.parametrize("kind,fault,position", [pytest.param(*key, id="-".join(map(str, key))) for key in ROWS])
@@ -166,7 +166,7 @@ def test_fault_on_one_rank(tmp_path, kind, fault, position):
         assert got["restored"], f"rank {rank}'s parameters are not at the failing step's theta0"
         assert got["steps_after"] == got["steps_before"], f"rank {rank}: a failing step advanced the counter"
         assert got["seconds"] < GROUP_TIMEOUT + 10, f"rank {rank} took {got['seconds']:.1f}s to fail"
-    if kind == "ddp":  # nothing drifted apart: the replicas are equal, whatever happened
+    if kind in ("ddp", "hsdp"):  # nothing drifted apart: the replicas are equal, whatever happened
         for a, b in zip(ranks[0]["final"], ranks[1]["final"]):
             assert torch.equal(a, b), "the ranks' parameters drifted apart"
     print(f"{kind} {fault}@{position}: " + "; ".join(

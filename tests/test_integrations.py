@@ -77,6 +77,32 @@ def _assert_same_tensors(a: dict, b: dict, what: str):
                     f"{max((a[k].double() - b[k].double()).abs().max().item() for k in bad):.3g})"
 
 
+def test_accelerate_preempted_inside_a_step_resumes_the_identical_trajectory(tmp_path, one_thread):
+    """SIGTERM delivered in the middle of step 6's second evaluation: the recipe's handler saves the state
+    there (inside ``TSAM.unperturbed()``: the weights at theta0), the run stops after that step, and a run
+    resumed from the checkpoint redoes step 6 and ends bit for bit where an uninterrupted run ends."""
+    import os
+    import signal
+    ac = recipe("accelerate_tsam", "accelerate")
+    from accelerate.state import AcceleratorState
+    state = str(tmp_path / "preempted")
+
+    def preempt(step, index):  # the parameters are at step 6's first sample point here
+        if step == 6 and index == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    runs = []
+    for kwargs in (dict(), dict(preempt_dir=state, on_evaluation=preempt), dict(resume=state)):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        runs.append(ac.train(epochs=4, mixed_precision="no", **kwargs))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    (_, full, full_tsam, losses), (_, cut, cut_tsam, cut_losses), (_, resumed, tsam, resumed_losses) = runs
+    assert cut_tsam.step_count == 7 and len(cut_losses) == 7  # the interrupted step finished, then it stopped
+    assert tsam.step_count == full_tsam.step_count == 16
+    _assert_same_tensors(resumed.state_dict(), full.state_dict(), "preempted and resumed vs uninterrupted")
+    assert torch.equal(torch.stack(resumed_losses), torch.stack(losses[6:]))
+
+
 # Bit-exact, not "within fp32 roundoff": an interrupted and resumed run performs the same floating-point
 # operations in the same order (same process, thread count and backend) on state restored bit for bit
 # (parameters, TSAM's base-optimizer state, step counter and seed, the scheduler, the data position; the
@@ -96,6 +122,33 @@ def test_lightning_resume_continues_the_identical_trajectory(tmp_path, one_threa
                          {i: s["momentum_buffer"] for i, s in full_opt.state_dict()["state"].items()}, "momentum")
     assert trainer.lr_scheduler_configs[0].scheduler.state_dict() == \
         full_trainer.lr_scheduler_configs[0].scheduler.state_dict()
+
+
+def test_lightning_checkpoint_inside_a_step_holds_theta0(tmp_path, one_thread):
+    """``trainer.save_checkpoint`` from inside a TSAM step -- what Lightning's SLURM requeue does from its
+    signal handler -- writes the weights and batch-norm statistics the step began with (the recipe's
+    ``on_save_checkpoint`` re-takes them inside ``TSAM.unperturbed()``), and the step goes on undisturbed."""
+    lt = recipe("lightning_tsam", "lightning")
+    path = str(tmp_path / "requeue.ckpt")
+
+    class Requeue(lt.L.Callback):
+        start, backwards = None, 0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 5:
+                self.start = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+        def on_before_backward(self, trainer, module, loss):
+            if trainer.global_step == 5:
+                self.backwards += 1
+                if self.backwards == 3:  # evaluation 1 (the first sample point), its first micro-batch
+                    trainer.save_checkpoint(path)
+
+    probe = Requeue()
+    module, _ = lt.fit(2, callbacks=[probe], bn_policy="per_sample")
+    clean, _ = lt.fit(2, bn_policy="per_sample")
+    _assert_same_tensors(torch.load(path, weights_only=False)["state_dict"], probe.start, "mid-step checkpoint")
+    _assert_same_tensors(module.state_dict(), clean.state_dict(), "with vs without the checkpoint")
 
 
 def test_lightning_equals_a_plain_loop(one_thread):

@@ -34,8 +34,11 @@ evaluation (micro-batches of gradient accumulation) is treated alike. Forwards o
 
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+import contextlib
+import weakref
+from typing import Callable, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .engine import live_run
@@ -49,13 +52,16 @@ _COUNT = "num_batches_tracked"
 
 
 class _Handles:
-    def __init__(self, handles: List):
+    def __init__(self, handles: List, optimizer: Optional[TSAM] = None, at_start=None):
         self._handles = handles
+        self._optimizer, self._at_start = optimizer, at_start
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._at_start is not None and self._at_start in self._optimizer._step_start_state:
+            self._optimizer._step_start_state.remove(self._at_start)
 
 
 def _tsam_of(optimizer, caller: str) -> TSAM:
@@ -73,11 +79,19 @@ def _tsam_of(optimizer, caller: str) -> TSAM:
 def _install(model: nn.Module, optimizer: TSAM, caller: str, frozen: Callable[[int], bool],
              buffers: Tuple[str, ...]) -> _Handles:
     """Hooks that, in a training forward of evaluation ``index`` with ``frozen(index)``, redirect ``buffers``
-    to throw-away copies."""
+    to throw-away copies; and the running statistics as the step began, for ``TSAM.unperturbed()``."""
     stash = {}
+    start = dict(run=None, values={})  # the step (weakly) and its layers' statistics before its first forward
 
     def before(module, args):
         index = optimizer.closure_index
+        if module.training and index is not None:
+            run = live_run(optimizer)
+            if start["run"] is None or start["run"]() is not run:
+                start.update(run=weakref.ref(run), values={})
+            if module not in start["values"]:
+                start["values"][module] = {n: getattr(module, n).clone() for n in _STATS + (_COUNT,)
+                                           if getattr(module, n, None) is not None}
         if module.training and index is not None and frozen(index):
             real = {n: getattr(module, n) for n in buffers if getattr(module, n, None) is not None}
             stash[module] = real
@@ -88,6 +102,26 @@ def _install(model: nn.Module, optimizer: TSAM, caller: str, frozen: Callable[[i
         for name, buf in stash.pop(module, {}).items():
             setattr(module, name, buf)
 
+    @contextlib.contextmanager
+    def at_step_start():
+        """The running statistics as the step began, for the duration (whatever object the layer holds
+        now: inside a frozen forward, its throw-away copies), then back as they were."""
+        run = live_run(optimizer)
+        values = start["values"] if run is not None and start["run"] is not None and start["run"]() is run else {}
+        now = []
+        with torch.no_grad():
+            for module, saved in values.items():
+                for name, value in saved.items():
+                    buf = getattr(module, name)
+                    now.append((buf, buf.clone()))
+                    buf.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buf, value in now:
+                    buf.copy_(value)
+
     handles = []
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
@@ -95,7 +129,8 @@ def _install(model: nn.Module, optimizer: TSAM, caller: str, frozen: Callable[[i
             handles.append(module.register_forward_hook(after, always_call=True))
     if not handles:
         raise ValueError(f"{caller}: the model has no batch-norm layer that tracks running stats")
-    return _Handles(handles)
+    optimizer._step_start_state.append(at_step_start)
+    return _Handles(handles, optimizer, at_step_start)
 
 
 def bn_update_once_per_step(model: nn.Module, optimizer) -> _Handles:

@@ -563,13 +563,6 @@ class StepRun:
         self.result = tilted
         return tilted
 
-    @property
-    def perturbed(self) -> bool:
-        """Whether the parameters are away from theta0 now (the step is between its start and its last
-        evaluation's move, and not inside :meth:`at_theta0`)."""
-        return (self.state == "running" and self._backed_up and not self._theta0_view
-                and self.plan[self._position].role != "origin")
-
     @contextlib.contextmanager
     def at_theta0(self) -> Iterator[None]:
         """The parameters at theta0 for the duration (a checkpoint from inside the step: a signal handler,
@@ -587,7 +580,10 @@ class StepRun:
                 b.restore()
         self._theta0_view = True
         try:
-            yield
+            with contextlib.ExitStack() as stack:  # other state as the step began (batch-norm statistics)
+                for at_start in list(self.opt._step_start_state):
+                    stack.enter_context(at_start())
+                yield
         finally:
             self._theta0_view = False
             with torch.no_grad():

@@ -160,6 +160,8 @@ class TSAM(torch.optim.Optimizer):
         self._attempts = 0  # runs begun (finished or not) since construction or load_state_dict: the tags
         self._tags_seen = False  # the first tagged all-reduce is checked at once (tsam_fast.engine)
         self._broken: Optional[str] = None  # several ranks: why a step failed here; no further step until a load
+        self._step_start_state: list = []  # context managers that put other state (batch-norm statistics)
+        # back as the step began, for unperturbed() (tsam_fast.batchnorm)
         self._run = None  # weak reference to the step in progress (tsam_fast.engine.live_run)
         self._correction = None  # tilt_every > 1: ||g0||^2 of the cached correction (tsam_fast.engine)
         self._constants: Dict = {}  # (device, dtype) -> constant step scalars (tsam_fast.engine.StepRun)
@@ -242,7 +244,9 @@ class TSAM(torch.optim.Optimizer):
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
 
         (``state_dict()`` values share the parameters' storage: write them, or copy them, inside the
-        block.) It holds one copy of the perturbed parameters meanwhile."""
+        block.) It holds one copy of the perturbed parameters meanwhile. With a batch-norm policy installed
+        (``tsam_fast.batchnorm``) the layers' running statistics are put back as the step began, too;
+        other buffers a step's forwards change are the model's business."""
         run = live_run(self)
         return run.at_theta0() if run is not None else contextlib.nullcontext()
 
@@ -251,16 +255,9 @@ class TSAM(torch.optim.Optimizer):
 
         Callable tilts (schedules) are code, not state: they are saved as None and the optimizer's
         own schedule is kept on load. Taken during a step, it is the state as of theta0 (a step changes
-        the state only when it finishes) and it warns, since the model's parameters are perturbed then:
-        save the model and this inside ``with opt.unperturbed():``.
+        the state only when it finishes), like a plain optimizer's before its ``step()``; the model's
+        parameters are perturbed then: save the model inside ``with opt.unperturbed():``.
         """
-        run = live_run(self)
-        if run is not None and run.perturbed:
-            warnings.warn(
-                f"TSAM.state_dict() during step {self._step_count} (evaluation {self.closure_index}): the "
-                "optimizer state is theta0's, but the model's parameters are perturbed right now, so a "
-                "checkpoint of the model taken here would hold theta0 + a perturbation. Save inside "
-                "`with opt.unperturbed():` (the parameters at theta0 for its duration).", stacklevel=2)
         sd = self.base_optimizer.state_dict()
         for group in sd["param_groups"]:
             if callable(group.get("tilt")):
@@ -314,6 +311,7 @@ class TSAM(torch.optim.Optimizer):
         state["_run"] = None
         state["_constants"] = {}
         state["_correction"] = None
+        state["_step_start_state"] = []  # hooks of the original model's layers
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -322,6 +320,7 @@ class TSAM(torch.optim.Optimizer):
         self.__dict__.setdefault("_attempts", 0)
         self.__dict__.setdefault("_tags_seen", False)
         self.__dict__.setdefault("_broken", None)
+        self.__dict__.setdefault("_step_start_state", [])
         self.__dict__.setdefault("_constants", {})
         self.__dict__.setdefault("_correction", None)
 
