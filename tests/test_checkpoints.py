@@ -497,7 +497,8 @@ def test_parameters_keep_their_own_storage():
 MID_STEP = positions(_CONFIGS["ascent"], _CONFIGS["hmc"], _CONFIGS["ascent-shared-adaptive"])
 
 
-def _preempted_step(config, position: int, loop: bool, handler, before: Optional[dict] = None):
+def _preempted_step(config, position: int, loop: bool, handler, before: Optional[dict] = None,
+                    after_forward: bool = False):
     """Two steps of ``frozen-net-bf16`` (mixed dtypes, a frozen layer); during the second step's evaluation
     ``position`` a real SIGUSR1 is delivered to this process and ``handler(model, opt)`` runs in it, as a
     preemption handler (Lightning's SLURM requeue, torchelastic's SIGTERM) would."""
@@ -515,9 +516,12 @@ def _preempted_step(config, position: int, loop: bool, handler, before: Optional
                     before["state_dict"] = copy.deepcopy(opt.state_dict())
 
             def evaluate():
-                if step == 1 and opt.closure_index == position:
+                signal_here = step == 1 and opt.closure_index == position
+                if signal_here and not after_forward:
                     os.kill(os.getpid(), signal.SIGUSR1)  # delivered before the next bytecode: mid-evaluation
                 loss = toy.loss(model(x), y)
+                if signal_here and after_forward:  # the forward saved the parameters for its backward
+                    os.kill(os.getpid(), signal.SIGUSR1)
                 loss.backward()
                 return loss
             one_step(opt, evaluate, loop)
@@ -534,13 +538,14 @@ def _save_unperturbed(model, opt):
     return {"file": buffer.getvalue(), "inside": inner, "after": [p.detach().clone() for p in model.parameters()]}
 
 
+@pytest.mark.parametrize("after_forward", [False, True], ids=["before-forward", "before-backward"])
 @pytest.mark.parametrize("loop", [False, True], ids=["closure", "loop"])
 @pytest.mark.parametrize("config, position", MID_STEP)
-def test_a_signal_handler_saves_theta0_and_the_step_goes_on(config, position, loop):
+def test_a_signal_handler_saves_theta0_and_the_step_goes_on(config, position, loop, after_forward):
     """A checkpoint written by a signal handler inside ``opt.unperturbed()`` holds theta0 and the optimizer
     state of theta0 (loads into a fresh model and optimizer exactly), and the interrupted step ends bit for
-    bit where an uninterrupted one does."""
-    model, opt, out = _preempted_step(config, position, loop, _save_unperturbed)
+    bit where an uninterrupted one does -- also when the signal lands between a forward and its backward."""
+    model, opt, out = _preempted_step(config, position, loop, _save_unperturbed, after_forward=after_forward)
     clean, clean_opt, _ = _preempted_step(config, -1, loop, lambda *_: None)
     for a, b in zip(model.parameters(), clean.parameters()):
         assert torch.equal(a, b)

@@ -112,7 +112,7 @@ def _install(model: nn.Module, optimizer: TSAM, caller: str, frozen: Callable[[i
         with torch.no_grad():
             for module, saved in values.items():
                 for name, value in saved.items():
-                    buf = getattr(module, name)
+                    buf = getattr(module, name).data  # quiet: a forward's backward may have saved it
                     now.append((buf, buf.clone()))
                     buf.copy_(value)
         try:

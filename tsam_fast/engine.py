@@ -571,13 +571,15 @@ class StepRun:
         if not self._backed_up or self._theta0_view or self.state not in ("running", "evaluated"):
             yield
             return
+        # quiet writes (docs/design.md §8.2): a forward of this evaluation may have saved the parameters for
+        # its backward, which then reads them back exactly as they were
         with torch.no_grad():
             here = []
             for b in self.buckets:
                 point = torch.empty(b.numel, dtype=b.dtype, device=b.device)
                 b.gather(point)
                 here.append(point)
-                b.restore()
+                b.scatter(b.backup_parts, quiet=True)
         self._theta0_view = True
         try:
             with contextlib.ExitStack() as stack:  # other state as the step began (batch-norm statistics)
@@ -588,8 +590,7 @@ class StepRun:
             self._theta0_view = False
             with torch.no_grad():
                 for b, point in zip(self.buckets, here):
-                    torch._foreach_copy_(b.theta, list(point.split(b.sizes)))
-                    b.publish()
+                    b.scatter(list(point.split(b.sizes)), quiet=True)
 
     def abandon(self) -> None:
         """Undo the step: parameters back to theta0 exactly, no gradients left behind, state unchanged.

@@ -206,15 +206,23 @@ class Bucket:
         for p, stage in self.staged:
             stage.copy_(p.detach())
 
-    def publish(self) -> None:
-        """Parameters that are not dense: our copies' moved values back into them."""
+    def publish(self, quiet: bool = False) -> None:
+        """Parameters that are not dense: our copies' moved values back into them (``quiet``: see
+        :meth:`scatter`)."""
         for p, stage in self.staged:
-            p.detach().copy_(stage)
+            (p.data if quiet else p.detach()).copy_(stage)
 
     def restore(self) -> None:
         """theta <- theta0, exactly: the end of an abandoned step."""
         torch._foreach_copy_(self.theta, self.backup_parts)
         self.publish()
+
+    def scatter(self, parts: List[torch.Tensor], quiet: bool = False) -> None:
+        """theta <- ``parts`` (one tensor per parameter). ``quiet``: through ``.data``, which leaves the
+        parameters' autograd version counters alone -- for a write that is undone, bit for bit, before the
+        backward of a forward already taken reads the parameters (``StepRun.at_theta0``)."""
+        torch._foreach_copy_([t.data for t in self.theta] if quiet else self.theta, parts)
+        self.publish(quiet)
 
     def gather(self, out: torch.Tensor) -> None:
         """``out`` (a flat buffer of ours) <- the parameters' current values."""
