@@ -73,7 +73,7 @@ class _OptionalBuildExt:
 ext_modules, cmdclass = _cpp_extension()
 
 setup(
-    packages=["tsam_fast", "tsam_fast.backends", "tsam_fast._kernels"],
+    packages=["tsam_fast", "tsam_fast.backends", "tsam_fast.integrations", "tsam_fast._kernels"],
     package_dir={"tsam_fast._kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -8,20 +8,13 @@ The model is the small ResNet-style CNN of ``tiny_resnet.py``. Batch norm: the T
 (``bn_update_per_sample``: running statistics updated by the first evaluation of each sample; every forward
 counted in ``num_batches_tracked``).
 
-The loop is the closure-free one (``TSAM.begin_step``): each evaluation runs the forward and
-``accelerator.backward`` of every micro-batch, with ``accelerator.no_sync`` on all but the last (no gradient
-all-reduce there under DDP), records the evaluation's loss, and ``run.finish()`` makes the base optimizer's
-step. Accelerate's own ``accumulate()`` context and ``gradient_accumulation_steps`` are not used: they
-accumulate over loop iterations, one backward each, while every TSAM evaluation needs the whole batch's
-gradient before the parameters move to the next point. Nor is the wrapper's ``optimizer.step()`` (TSAM
-needs its evaluations; ``run.finish()`` is the step). ``accelerator.save_state``/``load_state`` checkpoint
-the model, TSAM's state_dict (with its step counter and seed) and the scheduler; a resumed run continues
-the identical trajectory, with Accelerate's defaults (safetensors: TSAM leaves every parameter in its own
-storage). A preemption signal (``--preempt-dir``) saves the same state from wherever it lands, inside a
-step too (at theta0, through ``TSAM.unperturbed()``), and ``--resume`` from it continues the identical
-trajectory. fp16 with
-Accelerate's GradScaler is not supported (use bf16): the scaler would see only the final gradient, not an
-overflow in an ascent evaluation.
+Each batch is one ``tsam_step`` (``tsam_fast.integrations.accelerate``: the closure-free loop with
+``accelerator.backward`` and ``no_sync`` micro-batches; its docstring says why Accelerate's own
+accumulation and the prepared optimizer's ``step()`` are not used). ``accelerator.save_state``/``load_state``
+checkpoint the model, TSAM's state_dict and the scheduler; a resumed run continues the identical
+trajectory. ``--preempt-dir``: a preemption signal (SIGTERM/SIGUSR1) saves the same state from wherever it
+lands, inside a step too (``save_on_preemption``), and ``--resume`` from it continues the identical
+trajectory.
 """
 
 from __future__ import annotations
@@ -30,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 
 import torch
@@ -42,38 +34,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_resnet import TinyResNet, images  # noqa: E402
 
 from tsam_fast import TSAM, bn_update_per_sample  # noqa: E402
+from tsam_fast.integrations.accelerate import save_on_preemption, tsam_step  # noqa: E402
 
 # TSAM and its base optimizer (SGD): s = 2 samples, 2 evaluations each (ascent)
 TSAM_OPTIONS = dict(momentum=0.9, weight_decay=5e-4, num_samples=2, tilt=1.0, radius=0.5, rho=0.05)
 STEPS_PER_EPOCH = 4  # 64 images, batch 16, in one process
 
 
-def save_on_preemption(accelerator, tsam, directory, signals=(signal.SIGTERM, signal.SIGUSR1)) -> dict:
-    """Preemption (torchelastic's SIGTERM, SLURM's SIGUSR1): on one process, save at once, wherever the
-    signal lands -- inside a TSAM step too, where ``tsam.unperturbed()`` puts the weights at theta0 for the
-    save and back after it --, then stop after the current step. On several processes the handler only asks
-    the loop to stop: ``save_state`` synchronises the processes, which a signal handler running inside a
-    step would pair with the step's collectives; the loop saves after ``run.finish()``, where every
-    process is. Returns the flags the loop reads."""
-    flags = dict(stop=False, saved=False, previous={s: signal.getsignal(s) for s in signals})
-
-    def handler(signum, frame):
-        if accelerator.num_processes == 1:
-            with tsam.unperturbed():
-                accelerator.save_state(directory)
-            flags["saved"] = True
-        flags["stop"] = True
-    for s in signals:
-        signal.signal(s, handler)
-    return flags
-
-
 def train(epochs: int = 4, micro_batches: int = 2, mixed_precision: str = "bf16", save=None, resume=None,
           total_epochs: int = 4, lr: float = 0.1, seed: int = 0, preempt_dir=None, on_evaluation=None):
     """Train up to ``epochs`` (of a schedule planned for ``total_epochs``); returns (accelerator, model, tsam,
-    losses). ``preempt_dir``: where a preemption signal saves the state (:func:`save_on_preemption`); the
-    run then stops. ``on_evaluation(step, index)``: called at the start of each evaluation (the tests send a
-    signal from it)."""
+    losses). ``preempt_dir``: where a preemption signal saves the state; the run then stops.
+    ``on_evaluation(step, index)``: called at the start of each evaluation (the tests send a signal from it)."""
     accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
     torch.manual_seed(seed)
     model = TinyResNet()
@@ -90,36 +62,23 @@ def train(epochs: int = 4, micro_batches: int = 2, mixed_precision: str = "bf16"
         accelerator.load_state(resume)
         # a checkpoint from an epoch's end, or from a preemption: skip the batches its steps already took
         first_epoch, skip = divmod(tsam.step_count, len(loader))
-    flags = save_on_preemption(accelerator, tsam, preempt_dir) if preempt_dir else dict(stop=False)
+    hook = None if on_evaluation is None else (lambda ev: on_evaluation(tsam.step_count, ev.index))
+
+    def loss_fn(batch):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    def batches():  # from where a resumed run left off
+        for epoch in range(first_epoch, epochs):
+            yield from (batch for b, batch in enumerate(loader) if epoch > first_epoch or b >= skip)
 
     losses = []
-    for epoch in range(first_epoch, epochs):
-        for b, (xb, yb) in enumerate(loader):
-            if epoch == first_epoch and b < skip:
-                continue
-            if flags["stop"]:
+    preemption = save_on_preemption(accelerator, opt, preempt_dir) if preempt_dir else None
+    with preemption or contextlib.nullcontext():
+        for batch in batches():
+            if preemption is not None and preemption.requested():
                 break
-            parts = list(zip(xb.chunk(micro_batches), yb.chunk(micro_batches)))
-            run = tsam.begin_step()
-            for ev in run:
-                if on_evaluation is not None:
-                    on_evaluation(tsam.step_count, ev.index)
-                total = 0.0
-                for i, (xm, ym) in enumerate(parts):
-                    last = i == len(parts) - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        loss = F.cross_entropy(model(xm), ym) * (len(xm) / len(xb))
-                        accelerator.backward(loss)
-                    total = total + loss.detach()
-                run.record(total)
-            losses.append(run.finish())
+            losses.append(tsam_step(accelerator, model, opt, batch, loss_fn, micro_batches, on_evaluation=hook))
             sched.step()
-        if flags["stop"]:
-            break
-    for s, previous in flags.get("previous", {}).items():
-        signal.signal(s, previous)
-    if flags["stop"] and not flags["saved"]:  # several processes: save here, between steps
-        accelerator.save_state(preempt_dir)
     if save:
         accelerator.save_state(save)
     return accelerator, model, tsam, losses

@@ -6,95 +6,23 @@
 The model is built from a ``GPT2Config`` (2 layers, width 32, nothing downloaded) and learns synthetic
 token sequences (each row counts up from a random start by a random stride, modulo the vocabulary).
 
-What the user writes is ``TSAMTrainer(..., tsam_options=dict(num_samples=2, ...))`` in place of ``Trainer``.
-The Trainer still builds the optimizer's param groups (no weight decay on biases and norms), chooses the
-base optimizer from ``TrainingArguments.optim`` (AdamW by default) and the LR schedule, accumulates,
-clips, checkpoints and resumes. Two overrides make its one-backward-per-micro-batch loop run TSAM:
-
-* ``training_step`` is called once per micro-batch of an accumulation window. ``TSAMTrainer`` keeps the
-  window's micro-batches and, at the last one, runs the whole TSAM step's evaluations: each evaluation
-  is the Trainer's own ``training_step`` (forward, loss scaling, ``accelerator.backward``) over every
-  micro-batch. Accumulating across calls, as the Trainer does for ERM, cannot work for TSAM: all of the
-  window's gradient must be in before the parameters move to the next evaluation point.
-* The Trainer then clips (``max_grad_norm``: here the clip applies to the tilted gradient) and calls
-  ``optimizer.step()`` with no closure. ``TrainerTSAM`` (a 10-line TSAM subclass) answers that call by
-  finishing the evaluated step: the base optimizer's update from theta0.
-
-The window's inputs are held until its last micro-batch (inputs only, not activations). Several
-processes (the Trainer under ``torchrun``/``accelerate launch``) should work the same way -- each
-evaluation's forwards go through the DDP-wrapped model, all but the last micro-batch under ``no_sync``,
-and TSAM averages each sample's loss over the ranks -- but only the single-process run is tested here.
-
-Batch norm: none (GPT-2 has layer norm, which keeps no running statistics).
-The logged ``loss`` is the mean of the step's s sample losses (their tilted mean is what TSAM returns).
-Not supported: fp16 with the Trainer's GradScaler (``fp16=True``, GPU only): the scaler sees only the
-final gradient, not an overflow in an ascent evaluation; use bf16, as here.
+What the user writes is ``TSAMTrainer(..., tsam_options=dict(num_samples=2, ...))`` in place of ``Trainer``
+(``tsam_fast.integrations.transformers``, whose docstring says how it runs TSAM inside the Trainer's
+one-backward-per-micro-batch loop and what it does not support). The Trainer still builds the param
+groups, chooses the base optimizer (AdamW by default) and the LR schedule, accumulates, clips,
+checkpoints and resumes. Batch norm: none (GPT-2 has layer norm, which keeps no running statistics).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
-from tsam_fast import TSAM
-
-
-class TrainerTSAM(TSAM):
-    """TSAM whose closure-less ``step()`` -- the Trainer's ``optimizer.step()`` -- finishes the step that
-    :meth:`TSAMTrainer.training_step` evaluated."""
-
-    evaluated = None  # the StepRun waiting for the Trainer's optimizer.step()
-
-    def step(self, closure=None):
-        if closure is not None:
-            return super().step(closure)
-        run, self.evaluated = self.evaluated, None
-        if run is None:
-            raise RuntimeError("TrainerTSAM.step() without a closure finishes the step that TSAMTrainer.training_step "
-                               "evaluated, and none is waiting; use TSAMTrainer, or pass a closure")
-        return run.finish()
-
-
-class TSAMTrainer(Trainer):
-    """``transformers.Trainer`` training with TSAM around the optimizer the TrainingArguments choose."""
-
-    def __init__(self, *args, tsam_options=None, **kwargs):
-        self.tsam_options = dict(tsam_options or {})
-        self._window = []
-        super().__init__(*args, **kwargs)
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
-            base, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model if model is not None else self.model)
-            self.optimizer_cls_and_kwargs = (TrainerTSAM, dict(base_optimizer=base, **kwargs, **self.tsam_options))
-        return super().create_optimizer(model)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self._window.append(inputs)
-        if not self.accelerator.sync_gradients:  # not yet the window's last micro-batch
-            return torch.zeros((), device=self.args.device)
-        window, self._window = self._window, []
-        tsam = getattr(self.optimizer, "optimizer", self.optimizer)  # inside Accelerate's wrapper
-        run = tsam.begin_step()
-        sample_losses = []
-        for ev in run:
-            total = 0.0
-            for i, micro_batch in enumerate(window):
-                last = i == len(window) - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                    # the Trainer's own step: forward, GA loss scaling, accelerator.backward; a copy of the
-                    # inputs, because compute_loss may pop "labels" from the dict it is given
-                    total = total + super().training_step(model, dict(micro_batch), num_items_in_batch)
-            run.record(total)
-            if ev.role == "sample":
-                sample_losses.append(total)
-        tsam.evaluated = run  # finished by the Trainer's optimizer.step(), after its gradient clipping
-        return torch.stack(sample_losses).mean()
+from tsam_fast.integrations.transformers import TSAMTrainer
 
 
 class CountingData(torch.utils.data.Dataset):

@@ -3,36 +3,19 @@
     python examples/lightning_tsam.py                                 # 1 CPU process, ~10 s after imports
     python examples/lightning_tsam.py --devices 2 --strategy ddp      # 2 CPU processes (gloo)
     python examples/lightning_tsam.py --epochs 2 --save ckpt.ckpt     # then: --epochs 4 --resume ckpt.ckpt
+    python examples/lightning_tsam.py --precision 16-mixed            # fp16 with Lightning's GradScaler
 
-How TSAM fits Lightning (the README's "Trainers" section says why each choice):
-
-* ``automatic_optimization = False``: Lightning's automatic loop runs one backward per optimizer step; TSAM
-  runs 2s (``ascent``). ``training_step`` hands Lightning's optimizer wrapper a closure that runs ONE
-  evaluation -- forward and ``self.manual_backward`` for every micro-batch -- and TSAM calls it once per
-  evaluation. Going through the wrapper (rather than ``opt.optimizer.begin_step()``) keeps Lightning's step
-  counter (``trainer.global_step``, ``max_steps``, step-based checkpointing) and its precision plugin.
-* Gradient accumulation happens inside each evaluation (the batch is cut into micro-batches; under DDP all
-  but the last skip the gradient all-reduce). ``Trainer(accumulate_grad_batches=...)`` cannot work: it
-  accumulates over training steps, while every TSAM evaluation needs the whole batch before the
-  parameters move to the next point (and Lightning refuses it under manual optimization anyway).
-* The scheduler is returned by ``configure_optimizers`` (so Lightning saves and restores it) and stepped
-  by hand after each TSAM step.
-* Batch norm: policy ``--bn-policy`` (default ``once_per_step``: running statistics updated by the first
-  evaluation of each step; ``per_sample`` is the TSAM authors' loop, see ``tsam_fast.batchnorm``).
-* Checkpoints: Lightning saves TSAM's ``state_dict`` (base-optimizer state plus the step counter and seed),
-  the scheduler and the model; a run resumed from an epoch-end checkpoint continues the identical
-  trajectory, bit for bit (tests/test_integrations.py). From a mid-epoch checkpoint Lightning replays the
-  epoch's data from its start unless the dataloader is resumable (it warns): TSAM's part still resumes
-  exactly, the data order does not. A checkpoint taken inside a step (the SLURM requeue's signal handler)
-  holds the weights at theta0: ``on_save_checkpoint`` re-takes them inside ``TSAM.unperturbed()``.
-* Precision: ``--precision bf16-mixed`` works (autocast around the closure). ``16-mixed`` cannot: its plugin
-  runs the closure once and then calls ``scaler.step(optimizer)`` without a closure.
+The module subclasses ``tsam_fast.integrations.lightning.TSAMLightningModule`` (manual optimization, the
+TSAM step from ``training_step``, checkpoints inside a step at theta0); its docstring says why each piece
+is as it is. Here: the scheduler is returned by ``configure_optimizers`` (so Lightning saves and restores
+it) and stepped by hand after each TSAM step; batch norm follows ``--bn-policy`` (default
+``once_per_step``: running statistics updated by the first evaluation of each step; ``per_sample`` is the
+TSAM authors' loop, see ``tsam_fast.batchnorm``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -42,22 +25,23 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning as L
+from lightning.pytorch.plugins import MixedPrecision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_resnet import TinyResNet, images  # noqa: E402
 
-from tsam_fast import TSAM, bn_running_stats  # noqa: E402
+from tsam_fast import bn_running_stats  # noqa: E402
+from tsam_fast.integrations.lightning import TrainerTSAM, TSAMLightningModule  # noqa: E402
 
 # TSAM and its base optimizer (SGD): s = 2 samples, 2 evaluations each (ascent)
 TSAM_OPTIONS = dict(momentum=0.9, weight_decay=5e-4, num_samples=2, tilt=1.0, radius=0.5, rho=0.05)
 
 
-class TSAMClassifier(L.LightningModule):
+class TSAMClassifier(TSAMLightningModule):
     def __init__(self, lr: float = 0.1, micro_batches: int = 2, total_steps: int = 16,
                  bn_policy: str = "once_per_step", seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
-        self.automatic_optimization = False
         torch.manual_seed(seed)
         self.net = TinyResNet()
         self._bn = None
@@ -67,43 +51,16 @@ class TSAMClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = TSAM(self.parameters(), torch.optim.SGD, lr=hp.lr, seed=hp.seed, **TSAM_OPTIONS)
+        opt = TrainerTSAM(self.parameters(), torch.optim.SGD, lr=hp.lr, seed=hp.seed, **TSAM_OPTIONS)
         if self._bn is not None:  # configure_optimizers runs again on a second fit
             self._bn.remove()
         self._bn = bn_running_stats(self.net, opt, hp.bn_policy)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=hp.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint):
-        """A checkpoint taken inside a TSAM step (Lightning's SLURM requeue saves from its SIGUSR1 handler,
-        which runs in the middle of whatever the process was doing): the model's weights as of theta0, not
-        the perturbed point. Outside a step ``unperturbed()`` changes nothing."""
-        tsam = self.optimizers().optimizer
-        with tsam.unperturbed():  # copies: the state dict's tensors share the parameters' storage
-            checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.state_dict().items()}
-
-    def _sync(self, last: bool):
-        """Under DDP, all-reduce gradients only in the last micro-batch's backward."""
-        model = self.trainer.model
-        if last or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            return contextlib.nullcontext()
-        return model.no_sync()
-
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        parts = list(zip(x.chunk(self.hparams.micro_batches), y.chunk(self.hparams.micro_batches)))
-
-        def evaluation():  # one TSAM evaluation: every micro-batch, gradients accumulated
-            total = 0.0
-            for i, (xb, yb) in enumerate(parts):
-                with self._sync(last=i == len(parts) - 1):
-                    loss = F.cross_entropy(self(xb), yb) * (len(xb) / len(x))
-                    self.manual_backward(loss)
-                total = total + loss.detach()
-            return total
-
-        opt = self.optimizers()                   # Lightning's wrapper of the TSAM instance
-        tilted_loss = opt.step(closure=evaluation)
+        tilted_loss = self.tsam_step(batch, lambda b: F.cross_entropy(self(b[0]), b[1]),
+                                     micro_batches=self.hparams.micro_batches)
         self.lr_schedulers().step()
         self.log("tilted_loss", tilted_loss, prog_bar=True)
         return tilted_loss
@@ -133,7 +90,10 @@ class Report(L.Callback):
 
 
 def make_trainer(epochs: int, devices: int = 1, strategy: str = "auto", precision="32-true", callbacks=()):
-    return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs,
+    plugins = []
+    if precision == "16-mixed":  # on the CPU Lightning would turn "16-mixed" into bf16; the plugin keeps fp16
+        plugins, precision = [MixedPrecision("16-mixed", "cpu")], None
+    return L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, plugins=plugins,
                      precision=precision, logger=False, enable_checkpointing=False, callbacks=list(callbacks),
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
 
@@ -158,7 +118,7 @@ def main(argv=None):
     p.add_argument("--schedule-epochs", type=int, default=4, help="length of the LR schedule (keep it on resume)")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--strategy", default="auto")
-    p.add_argument("--precision", default="32-true", help="e.g. bf16-mixed")
+    p.add_argument("--precision", default="32-true", help="e.g. bf16-mixed, 16-mixed")
     p.add_argument("--micro-batches", type=int, default=2)
     p.add_argument("--bn-policy", default="once_per_step", choices=["once_per_step", "per_sample", "every_forward"])
     p.add_argument("--save", help="checkpoint written at the end")

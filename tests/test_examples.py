@@ -1,8 +1,10 @@
 """The recipes of examples/ run as a user runs them (their ``main`` with command-line arguments; the DDP one
-as a script in its own processes), and ``import tsam_fast`` pulls in none of the trainers.
+as a script in its own processes).
 
 What the trainers do with TSAM in detail -- resume bit-exact, equal to a plain loop, accumulation inside
-each evaluation, bf16 -- is tested in tests/test_integrations.py.
+each evaluation, bf16 -- is tested in tests/test_integrations.py; the ``tsam_fast.integrations`` modules the
+recipes are built on, and that ``import tsam_fast`` imports none of them nor any trainer, in
+tests/test_integration_modules.py.
 """
 
 from __future__ import annotations
@@ -27,13 +29,6 @@ def _printed_result(capsys) -> dict:
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('{"')]
     assert lines, "the recipe printed no result line"
     return json.loads(lines[-1])
-
-
-def test_import_pulls_in_no_trainer():
-    code = ("import sys, tsam_fast; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('lightning', 'pytorch_lightning', 'transformers', 'accelerate')); print(bad); sys.exit(bool(bad))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"import tsam_fast imported {proc.stdout.strip()} {proc.stderr[-2000:]}"
 
 
 def test_readme_links_everyrecipe():
