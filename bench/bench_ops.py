@@ -6,13 +6,17 @@ CUDA with ``--device cuda``). Rows: ``ReferenceOps`` (the plain definition), ``F
 ``backend="reference"`` runs; its generator compiled where it can be) and every fused backend available.
 Each row's answer is first checked against ``ReferenceOps`` on the same inputs; ops update in place, and
 repeated calls keep the buffers' values finite. GB/s is the op's minimum memory traffic (docs/design.md
-§5: the mode's ``passes`` over 4-byte elements) per median second.
+§5: the mode's ``passes`` over 4-byte elements) per median second. A row whose spread is too wide to read
+is marked unreliable (``harness.unreliable``); progress goes to stderr (a line per implementation and op
+when it is not a terminal).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -55,11 +59,16 @@ def check(ops, op: str, device, n: int = 100_003) -> float:
     return err
 
 
-def measure(device: torch.device, sizes, steps: int = 5, plain_max: int = 2_000_000) -> dict:
+def measure(device: torch.device, sizes, steps: int = 5, plain_max: int = 2_000_000,
+            progress: Optional[harness.Progress] = None) -> dict:
+    """Check, then time, every op of every implementation at every size in ``sizes`` (``steps`` calls)."""
     timer = harness.Timer(device)
+    progress = progress or harness.Progress(0, enabled=False)
     out = []
     for label, ops in rows_for(device):
+        progress.note(f"ops: {label}: {len(contract.NAMES)} ops × {len(sizes)} sizes")
         for op in contract.NAMES:
+            t_op = time.perf_counter()
             err = check(ops, op, device)
             if err > 1e-5:
                 raise SystemExit(f"{label} {op}: off by {err:.3g} from ReferenceOps; not timing it")
@@ -71,34 +80,42 @@ def measure(device: torch.device, sizes, steps: int = 5, plain_max: int = 2_000_
                 st = harness.summarize(timer.repeat(lambda: _call(ops, op, args), 1, steps))
                 passes = contract.SPECS[op].passes()
                 out.append(dict(impl=label, op=op, n=n, passes=passes, check_err=err, ms=st,
-                                gbps=passes * 4 * n / (st["median"] * 1e-3) / 1e9 if passes else None))
+                                gbps=passes * 4 * n / (st["median"] * 1e-3) / 1e9 if passes else None,
+                                unreliable=[w for w in [harness.unreliable(st, "time")] if w]))
+            progress.update(0, f"ops: {label}: {op} checked and timed ({time.perf_counter() - t_op:.1f} s)")
     return dict(rows=out)
 
 
 def markdown(record: dict) -> str:
-    head = ["implementation", "op", "elements", "ms (median [IQR])", "GB/s (min traffic)"]
+    head = ["implementation", "op", "elements", "ms (median [IQR])", "GB/s (min traffic)", "note"]
     rows = [[r["impl"], r["op"], harness.fmt_count(r["n"]), f"{r['ms']['median']:.2f} [{r['ms']['q25']:.2f}–"
-             f"{r['ms']['q75']:.2f}]", f"{r['gbps']:.1f}" if r["gbps"] else "–"] for r in record["rows"]]
+             f"{r['ms']['q75']:.2f}]", f"{r['gbps']:.1f}" if r["gbps"] else "–",
+             "**unreliable**: " + "; ".join(r["unreliable"]) if r.get("unreliable") else ""] for r in record["rows"]]
     dev = record["device"]
     return (f"ops mode — {dev['name']} ({dev['type']}), torch {record['versions']['torch']}, copy bandwidth "
             f"{record['bandwidth_gbps']:.1f} GB/s; reference generator: {record['backends']['reference']['generator']}"
-            "\n\n" + harness.markdown_table(head, rows))
+            "\n\n" + harness.markdown_table(head, rows) + f"\n\n**unreliable**: {harness.UNRELIABLE_RULE}.")
 
 
 def main(args) -> int:
-    """``throughput.py --mode ops``: uses its --device, --op-sizes, --steps, --threads, --out-dir, --no-save."""
+    """``throughput.py --mode ops``: uses its --device, --op-sizes, --steps, --threads, --out-dir/--record,
+    --no-save and --no-progress."""
     from throughput import resolve_device
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(float(x)) for x in args.op_sizes.split(",") if x]
-    record = dict(harness.machine_record(device), mode="ops", bandwidth_gbps=harness.copy_bandwidth(device),
-                  **measure(device, sizes, steps=args.steps or 5))
+    progress = harness.Progress(0, enabled=not args.no_progress)
+    try:
+        record = dict(harness.machine_record(device), mode="ops", bandwidth_gbps=harness.copy_bandwidth(device),
+                      **measure(device, sizes, steps=args.steps or 5, progress=progress))
+    finally:
+        progress.close()
     text = markdown(record)
-    print(text)
     if not args.no_save:
         for path in harness.save(record, args.out_dir, f"ops-{device.type}", markdown=text):
-            print(f"wrote {path}")
+            print(f"wrote {path}", file=sys.stderr)
+    print(text, flush=True)
     return 0
 
 

@@ -2,22 +2,25 @@
 the machine record and the output writers. Plain functions and classes, so that any benchmark script
 (``throughput.py``'s modes, ``bench_ops.py``, a separate script) is a few dozen lines of what it measures:
 
-    from harness import Timer, copy_bandwidth, floor_ms, summarize, machine_record, save
+    from harness import Timer, copy_bandwidth, floor_ms, summarize, machine_record, results_dir, save
 
     timer = Timer(device)
     times = timer.repeat(lambda: opt.step(closure), warmup=2, steps=10)   # ms; CUDA events on a GPU
     gbps = copy_bandwidth(device)
     row = dict(step_ms=summarize(times), floor_ms=floor_ms(d, s, gbps))
     record = dict(machine_record(device), rows=[row])
-    save(record, out_dir, "mybench-cpu", markdown="| ... |")     # <stem>-<UTC stamp>.json/.md/.png
+    save(record, results_dir(), "mybench-cpu", markdown="| ... |")   # <stem>-<UTC stamp>.json/.md/.png
 
-The floor is stated once, here (docs/design.md §5).
+The floor is stated once, here (docs/design.md §5), and so is when a median is too noisy to read
+(``unreliable``). Results go outside the checkout by default (``results_dir``): a run never dirties the
+repository; committed results (``bench/results/``) are written only when a script is asked to.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -117,47 +120,146 @@ def summarize(ms: Sequence[float]) -> dict:
                 mean=statistics.fmean(ms), n=len(ms))
 
 
-class Progress:
-    """A one-line progress bar on stderr (tqdm's when installed); silent when stderr is not a terminal."""
+# -- when a median cannot be read ---------------------------------------------------------------------
 
-    def __init__(self, total: int, enabled: bool = True):
+#: A median is unreliable when its ~95% confidence interval is wider than ±15% of it. The ratio of two
+#: rows (÷ foreach, the verdict's "1.8× below") is then uncertain by about ±20% (√2 × 15%): "1.7×" could
+#: be 1.4× or 2.0×, the most a one-decimal verdict can carry.
+RELIABLE_HALF_WIDTH = 0.15
+#: Fewer samples than this have no quartiles worth the name.
+MIN_SAMPLES = 3
+#: the rule in words, for the footnotes of the tables
+UNRELIABLE_RULE = (f"the median's 95% interval (about ± 2 IQR/√n over n samples) is wider than "
+                   f"±{100 * RELIABLE_HALF_WIDTH:.0f}%, or there are fewer than {MIN_SAMPLES} samples")
+
+
+def median_half_width(st: dict) -> float:
+    """Half-width of the median's ~95% confidence interval, relative to the median: ``2 IQR / (√n median)``.
+
+    The sample median's standard error is ``1 / (2 f(m) √n)``, ``f(m)`` the density at the median; taking
+    ``f(m)`` as the mean density over the central half of the samples, ``0.5 / IQR``, gives ``IQR / √n``
+    (a normal distribution's is 0.93 IQR/√n), and 1.96 of those is about 2. So the spread a row can
+    carry grows with its samples: IQR/median up to 0.29 at 15 steps, 0.15 at 4, 0.53 at 50, 2.9 at 1500.
+    Steps disturbed in bursts (a neighbour's job) are not independent: the interval is then optimistic,
+    but the bursts widen the IQR itself. ``inf`` for a median ≤ 0 or fewer than 2 samples."""
+    if st["n"] < 2 or st["median"] <= 0:
+        return math.inf
+    return 2.0 * st["iqr"] / (math.sqrt(st["n"]) * st["median"])
+
+
+def unreliable(st: dict, what: str = "median") -> Optional[str]:
+    """Why the median of summary ``st`` (``summarize``'s) cannot be read, or None when it can: fewer than
+    ``MIN_SAMPLES`` samples, a median ≤ 0, or a 95% interval wider than ±``RELIABLE_HALF_WIDTH``."""
+    if st["n"] < MIN_SAMPLES:
+        return f"{what}: {st['n']} sample{'s' if st['n'] != 1 else ''} (under {MIN_SAMPLES})"
+    if st["median"] <= 0:
+        return f"{what}: median {st['median']:.3g} ≤ 0"
+    half = median_half_width(st)
+    if half > RELIABLE_HALF_WIDTH:
+        return (f"{what} ±{100 * half:.0f}% (IQR {st['iqr'] / st['median']:.2f} of the median, "
+                f"{st['n']} samples)")
+    return None
+
+
+class Progress:
+    """Progress on stderr, whatever stderr is.
+
+    On a terminal: a one-line bar (tqdm's when installed), its text the current phase. Otherwise (a log
+    file, CI, ``nohup``): plain lines, flushed at once, each stamped with the seconds since the start:
+    every ``note`` (a phase begins: a model's check, warm-up, timing) and the text of ``update`` (a row
+    or a round done), the latter at most one per ``every_s`` seconds so that fast rows do not flood the
+    log; a row slower than that always gets its line. ``warn`` lines (a budget ran out) show in both
+    modes. ``enabled=False`` is silent. ``start`` (a ``time.perf_counter()`` value, default now) is the
+    zero of the stamps."""
+
+    def __init__(self, total: int, enabled: bool = True, every_s: float = 1.0, stream=None,
+                 start: Optional[float] = None):
+        self.stream = stream if stream is not None else sys.stderr
         self.total, self.done, self.text = max(total, 1), 0, ""
-        self.enabled = enabled and sys.stderr.isatty()
+        try:
+            tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            tty = False
+        self.mode = "off" if not enabled else "bar" if tty else "lines"
+        self.every_s = every_s
+        self.t0 = time.perf_counter() if start is None else start
         self._bar = None
-        self._last = 0.0
-        if self.enabled:
+        self._last = -math.inf  # when the last bar redraw / throttled line was written
+        if self.mode == "bar":
             try:
                 from tqdm import tqdm
-                self._bar = tqdm(total=self.total, unit="step", file=sys.stderr, leave=False)
+                self._bar = tqdm(total=self.total, unit="step", file=self.stream, leave=False)
             except ImportError:
                 pass
 
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def elapsed(self) -> float:
+        """Seconds since this progress began."""
+        return time.perf_counter() - self.t0
+
+    def _line(self, text: str) -> None:
+        self.stream.write(f"[{self.elapsed():6.1f} s] {text}\n")
+        self.stream.flush()
+
+    def note(self, text: str) -> None:
+        """A phase begins: a line in a log, the bar's text on a terminal."""
+        self.text = text
+        if self.mode == "lines":
+            self._line(text)
+            self._last = time.perf_counter()
+        elif self.mode == "bar":
+            self._draw(force=True)
+
+    def warn(self, text: str) -> None:
+        """Something the reader must know (a budget ran out): a line in both modes."""
+        if self.mode == "lines":
+            self._line(text)
+            self._last = time.perf_counter()
+        elif self.mode == "bar":
+            if self._bar is not None:
+                self._bar.write(text, file=self.stream)
+            else:
+                self.stream.write("\r" + " " * 100 + "\r" + text + "\n")
+                self.stream.flush()
+                self._draw(force=True)
+
     def update(self, n: int = 1, text: Optional[str] = None) -> None:
+        """``n`` units done; ``text``, when given, says what (throttled to one line per ``every_s`` in a log)."""
         self.done = min(self.done + n, self.total)
         if text is not None:
             self.text = text
-        if not self.enabled:
-            return
+        if self.mode == "lines":
+            if text is not None and time.perf_counter() - self._last >= self.every_s:
+                self._line(text)
+                self._last = time.perf_counter()
+        elif self.mode == "bar":
+            if self._bar is not None:
+                self._bar.update(n)
+            self._draw()
+
+    def _draw(self, force: bool = False) -> None:
         if self._bar is not None:
-            self._bar.update(n)
-            self._bar.set_description(self.text, refresh=False)
+            self._bar.set_description(self.text[:60], refresh=True)
             return
-        now = time.monotonic()
-        if now - self._last < 0.2 and self.done < self.total:
+        now = time.perf_counter()
+        if not force and now - self._last < 0.2 and self.done < self.total:
             return
         self._last = now
         frac = self.done / self.total
-        sys.stderr.write(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:3.0f}% {self.text[:60]:<60}")
-        sys.stderr.flush()
+        self.stream.write(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:3.0f}% {self.text[:60]:<60}")
+        self.stream.flush()
 
     def close(self) -> None:
-        if not self.enabled:
+        if self.mode != "bar":
             return
         if self._bar is not None:
             self._bar.close()
         else:
-            sys.stderr.write("\r" + " " * 100 + "\r")
-            sys.stderr.flush()
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()
 
 
 # -- the machine record -------------------------------------------------------------------------------
@@ -230,6 +332,16 @@ def warn_if_loaded(device: torch.device) -> Optional[float]:
 
 # -- output -------------------------------------------------------------------------------------------
 
+#: where the benchmarks write when not told: outside the checkout, so a run leaves ``git status`` clean
+RESULTS_ENV = "TSAM_FAST_RESULTS"
+#: the committed results: written only when a script is asked to (``throughput.py --record``)
+RECORDED_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_dir() -> Path:
+    """The default output directory: ``$TSAM_FAST_RESULTS``, else ``~/.cache/tsam_fast/results``."""
+    return Path(os.environ.get(RESULTS_ENV) or Path.home() / ".cache" / "tsam_fast" / "results")
+
 
 def stamp(record: dict) -> str:
     """``YYYYMMDDTHHMMSS`` of the record's date."""
@@ -278,41 +390,62 @@ def latest(out_dir: Path, pointer: str) -> Path:
     return out_dir / (out_dir / pointer).read_text().strip()
 
 
+MARKERS = {"mlp": "o", "cnn": "s", "gpt": "^", "flat": "D", "tiny": "v"}
+MARKER_GLYPHS = {"o": "●", "s": "■", "^": "▲", "D": "◆", "v": "▼"}
+
+
 def plot_overheads(record: dict, path: Path) -> bool:
-    """PNG: overhead and overhead ÷ floor against parameter count, one line or point per method."""
+    """PNG: overhead and overhead ÷ floor against parameter count, one line or point per method, with the
+    IQR as error bars; a hollow marker is a row marked unreliable. Only the models that ran appear."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
     models = record.get("models", [])
     if not models:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     keys = list(dict.fromkeys(k for m in models for k in m["methods"]))
-    markers = {"mlp": "o", "cnn": "s", "gpt": "^", "flat": "D", "tiny": "v"}
+    kinds = list(dict.fromkeys(m["kind"] for m in models))
+    any_unreliable = False
     for n, key in enumerate(keys):
         label = next(m["methods"][key]["label"] for m in models if key in m["methods"])
-        for ax, field in zip(axes, ("overhead_ms", "overhead_over_floor")):
-            for kind, marker in markers.items():
-                pts = sorted((m["params"], m["methods"][key][field]) for m in models
-                             if m["kind"] == kind and key in m["methods"] and m["methods"][key][field] > 0)
-                if pts:
-                    ax.plot([p for p, _ in pts], [v for _, v in pts], marker=marker, color=f"C{n % 10}",
-                            ls="-" if len(pts) > 1 else "none",
-                            label=label if ax is axes[0] and kind == next(
-                                k for k in markers if any(mm["kind"] == k and key in mm["methods"] for mm in models))
-                            else None)
-    for ax, title in zip(axes, ("optimizer overhead per step (ms)", "overhead ÷ bandwidth floor")):
+        labelled = False
+        for kind in kinds:
+            marker = MARKERS.get(kind, "x")
+            ran = sorted((m for m in models if m["kind"] == kind and key in m["methods"]
+                          and m["methods"][key]["overhead_ms"] > 0), key=lambda m: m["params"])
+            if not ran:
+                continue
+            for ax, scale in zip(axes, [lambda m: 1.0, lambda m: 1.0 / m["floor_ms"]]):
+                x = [m["params"] for m in ran]
+                y = [m["methods"][key]["overhead_ms"] * scale(m) for m in ran]
+                # the IQR of the per-step overhead; a lower quartile ≤ 0 is clipped by the log axis
+                lo = [y_ - m["methods"][key]["overhead"]["q25"] * scale(m) for y_, m in zip(y, ran)]
+                hi = [m["methods"][key]["overhead"]["q75"] * scale(m) - y_ for y_, m in zip(y, ran)]
+                ax.errorbar(x, y, yerr=[[max(v, 0.0) for v in lo], [max(v, 0.0) for v in hi]], marker=marker,
+                            color=f"C{n % 10}", ls="-" if len(ran) > 1 else "none", capsize=3, lw=1,
+                            label=label if ax is axes[0] and not labelled else None)
+                bad = [(x_, y_) for x_, y_, m in zip(x, y, ran) if not m["methods"][key].get("reliable", True)]
+                if bad:
+                    any_unreliable = True
+                    ax.plot([b[0] for b in bad], [b[1] for b in bad], marker=marker, ls="none", mfc="white",
+                            mec=f"C{n % 10}", zorder=3)
+            labelled = True
+    for ax, title in zip(axes, ("optimizer overhead per step (ms), IQR bars", "overhead ÷ bandwidth floor")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
-    axes[0].legend(fontsize=8, title="● mlp  ■ cnn  ▲ gpt  ◆ flat", title_fontsize=8)
+    legend = "  ".join(f"{MARKER_GLYPHS.get(MARKERS.get(k, 'x'), 'x')} {k}" for k in kinds)
+    if any_unreliable:
+        legend += "\nhollow: unreliable (spread too wide)"
+    axes[0].legend(fontsize=8, title=legend, title_fontsize=8)
     dev = record["device"]
     fig.suptitle(f"tsam_fast {record.get('mode', '')} — {dev['name']} ({dev['type']}), {record['date'][:10]}",
                  fontsize=10)

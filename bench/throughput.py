@@ -20,7 +20,13 @@ parameters after two steps are checked against tsam_fast's reference optimizer (
 cases of it); the run aborts if any disagrees. Overhead per step = step time - time inside the closure
 (measured inside each step on a CPU; on a GPU, step - calls x the forward/backward row's median).
 Floor = ``harness.floor_bytes`` (docs/design.md §5) / the copy bandwidth measured in the same run.
-Results: a markdown table on stdout, ``bench/results/<mode>-<device>-<size>-<UTC stamp>.json/.md/.png``.
+
+The run talks: a line per phase and row on stderr when it is not a terminal (a bar when it is); a time
+budget (``--time-budget``) covers checks, warm-ups and timing, and the rows it cuts short say so; rows
+whose spread is too wide to read are marked unreliable (``harness.unreliable``); the last lines are the
+verdict, one per tsam_fast row. Results: the markdown table on stdout, and
+``<mode>-<device>-<size>-<UTC stamp>.json/.md/.png`` in ``$TSAM_FAST_RESULTS`` or
+``~/.cache/tsam_fast/results`` (``--out-dir``), or in the committed ``bench/results/`` with ``--record``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import math
 import statistics
 import sys
 import time
@@ -50,7 +57,6 @@ import harness  # noqa: E402
 from harness import PASSES_PER_SAMPLE, PASSES_PER_STEP, Progress, Timer, floor_bytes, summarize  # noqa: E402,F401
 from models import ModelSpec, Workload, build, param_count  # noqa: E402
 
-RESULTS_DIR = HERE / "results"
 CHECK_FLAT_MAX = 2_000_003
 MODES = ("models", "overhead", "gpu", "fixed", "ops")
 
@@ -223,7 +229,7 @@ def plain_oracle(params, cfg: TSAMConfig, **kwargs) -> tsam_fast.TSAM:
 
 
 def check_methods(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method], steps: int = 2,
-                  rtol: float = 1e-4) -> Dict[str, dict]:
+                  rtol: float = 1e-4, progress: Optional[Progress] = None, tag: str = "") -> Dict[str, dict]:
     """Run ``steps`` steps of every method with tsam_fast's noise and compare with the reference TSAM
     (``plain_oracle``: ``ReferenceOps``, the definition).
 
@@ -232,7 +238,7 @@ def check_methods(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method]
     error on the parameters themselves would hide a wrong update under their magnitude), after
     allowing ``ULP_ALLOWANCE`` of each stored parameter: ``max(|theta - theta_ref| - 4 eps |theta_ref|)
     / max|d_ref|``. The returned losses are compared too. Raises ``CheckFailed`` naming every method
-    that is off by more than ``rtol``.
+    that is off by more than ``rtol``. ``progress`` notes each method and setting as checked, tagged ``tag``.
     """
     if cfg.base_optimizer is not torch.optim.SGD:
         # Adam-like optimizers take lr * sign(g) at first: a rounding-level difference in a near-zero
@@ -256,6 +262,7 @@ def check_methods(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method]
             refs = {}
             report[name] = {}
             for m in methods:
+                t_row = time.perf_counter()
                 if m.oracle not in refs:
                     refs[m.oracle] = run(lambda ps: plain_oracle(ps, c, **ORACLES[m.oracle]))
                 want, want_loss = refs[m.oracle]
@@ -265,6 +272,9 @@ def check_methods(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method]
                 loss_err = ((got_loss - want_loss).abs() / want_loss.abs().clamp_min(1e-30)).max().item()
                 ok = err <= rtol and loss_err <= rtol  # NaN compares False: a NaN fails
                 report[name][m.key] = dict(update_rel_err=err, loss_rel_err=loss_err, passed=ok)
+                if progress is not None:
+                    progress.note(f"{tag}: check, {name} settings: {m.key} {'ok' if ok else 'DISAGREES'} "
+                                  f"(error {err:.1e}; {time.perf_counter() - t_row:.1f} s)")
                 if not ok:
                     failures.append(f"{m.key} ({name} settings: t={c.tilt:g}, r={c.radius:.3g}, rho={c.rho:.3g}): "
                                     f"parameter change off by {err:.3g} (relative to its largest element), "
@@ -308,13 +318,21 @@ class _TimedClosure:
             self.ms += (time.perf_counter() - t0) * 1e3
 
 
+def model_tag(kind: str, params: int) -> str:
+    """How progress lines and the verdict name a model: ``gpt 5.28M``."""
+    return f"{kind} {harness.fmt_count(params)}"
+
+
 def bench_model(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method], *, device: torch.device,
-                warmup: int, steps: int, min_steps: int, row_budget_s: float, time_budget_s: float,
+                warmup: int, steps: int, min_steps: int, row_budget_s: float, deadline: float,
                 bandwidth_gbps: float, noise: str, progress: Progress) -> dict:
     """Time every method (and the bare forward/backward) on ``workload``, interleaved step by step.
 
     Each row runs ``steps`` timed steps, fewer (not under ``min_steps``) when its warm-up step says it
-    would exceed ``row_budget_s``; all rows stop after ``min_steps`` once ``time_budget_s`` is spent.
+    would exceed ``row_budget_s``. ``deadline`` (a ``time.perf_counter()`` value) ends this model's share
+    of the run's time budget: once it has passed, warm-up stops after its second round and timing after
+    ``min_steps`` rounds, and every row that lost steps to it is marked ``cut_short``. Each row says
+    whether its medians can be read (``harness.unreliable``).
     """
     timer = Timer(device)
     cpu = not timer.cuda
@@ -323,6 +341,7 @@ def bench_model(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method], 
     tensors = sum(1 for p in probe.parameters() if p.requires_grad)
     param_bytes = sum(p.numel() * p.element_size() for p in probe.parameters())
     del probe
+    tag = model_tag(workload.spec.kind, d)
 
     fwd_model = workload.make_model()
     fwd_closure = _closure(workload, fwd_model)
@@ -355,14 +374,20 @@ def bench_model(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method], 
             r.inside.append(r.closure.ms)
 
     # Warm-up, interleaved. The last warm-up step also measures memory and the step time estimate
-    # that caps slow rows to about ``row_budget_s`` seconds of timed steps.
+    # that caps slow rows to about ``row_budget_s`` seconds of timed steps. The first round builds
+    # buffers (and compiles); past the deadline, the second round is the last.
     estimate, peak = {}, {}
+    t_warmup = time.perf_counter()
+    progress.note(f"{tag}: warm-up, {warmup} round(s) of {len(runners)} rows")
+    rounds_warm = 0
     for w in range(warmup):
-        last = w == warmup - 1
+        last = w == warmup - 1 or (w >= 1 and time.perf_counter() > deadline)
         for r in runners:
-            progress.update(1, f"{workload.spec.kind} warm-up {r.key}")
+            t_row = time.perf_counter()
             if not last:
                 one_step(r, None)
+                progress.update(1, f"{tag}: warm-up {w + 1}/{warmup}: {r.key} "
+                                   f"({time.perf_counter() - t_row:.2f} s)")
                 continue
             if hasattr(r.opt, "track_memory"):
                 r.opt.track_memory = True
@@ -378,12 +403,21 @@ def bench_model(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method], 
                 peak[r.key] = torch.cuda.max_memory_allocated() - base
             if hasattr(r.opt, "track_memory"):
                 r.opt.track_memory = False
+            progress.update(1, f"{tag}: warm-up {w + 1}/{warmup}: {r.key} ({estimate[r.key]:.2f} s)")
+        rounds_warm += 1
+        if last:
+            break
+    if rounds_warm < warmup:
+        progress.update(len(runners) * (warmup - rounds_warm))
+        progress.warn(f"{tag}: time budget spent: warm-up cut to {rounds_warm} of {warmup} rounds")
+    warmup_s = time.perf_counter() - t_warmup
     for r in runners:
         r.steps = max(min_steps, min(steps, int(row_budget_s / max(estimate.get(r.key, 0.0), 1e-9))))
 
     rounds = max(r.steps for r in runners)
     t_timing = time.perf_counter()
-    deadline = t_timing + time_budget_s
+    progress.note(f"{tag}: timing, up to {rounds} interleaved rounds of {len(runners)} rows; "
+                  f"{max(0.0, deadline - t_timing):.0f} s of the time budget left for this model")
     done = 0
     for i in range(rounds):
         if i >= min_steps and time.perf_counter() > deadline:
@@ -394,8 +428,13 @@ def bench_model(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method], 
                 one_step(r, r.times)
         timer.flush()
         done += 1
-        progress.update(len(runners), f"{workload.spec.kind} step {i + 1}/{rounds}")
+        progress.update(len(runners), f"{tag}: timing round {i + 1}/{rounds} "
+                                      f"({time.perf_counter() - t_timing:.1f} s)")
     progress.update(len(runners) * (steps - done))  # rounds skipped by the budgets
+    cut = [r.key for r in runners[1:] if len(r.times) < r.steps]
+    if cut:
+        progress.warn(f"{tag}: time budget spent after {done} of {rounds} rounds: {', '.join(cut)} cut short "
+                      "(fewer samples; marked in the table)")
 
     timing_s = time.perf_counter() - t_timing
     fwd = summarize(runners[0].times)
@@ -411,7 +450,10 @@ def bench_model(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method], 
             over = summarize([t - r.calls * fwd["median"] for t in r.times])
             inside = r.calls * fwd["median"]
         held = r.opt.held_bytes()
-        row = dict(label=m.label, calls=r.calls, steps=len(r.times), step_ms=st, fwd_bwd_ms=inside,
+        why = [w for w in (harness.unreliable(over, "overhead"), harness.unreliable(st, "step")) if w]
+        row = dict(label=m.label, calls=r.calls, steps=len(r.times), steps_planned=r.steps,
+                   cut_short=len(r.times) < r.steps, row_budget_capped=r.steps < steps,
+                   reliable=not why, unreliable=why, step_ms=st, fwd_bwd_ms=inside,
                    overhead=over, overhead_ms=over["median"], overhead_over_floor=over["median"] / floor,
                    extra_memory_bytes=held, extra_memory_x=held / param_bytes,
                    samples_per_s=workload.samples_per_batch / (st["median"] * 1e-3))
@@ -423,7 +465,8 @@ def bench_model(workload: Workload, cfg: TSAMConfig, methods: Sequence[Method], 
     out = dict(name=workload.spec.name, kind=workload.spec.kind, options=workload.spec.options, params=d,
                tensors=tensors, param_bytes=param_bytes, samples_per_batch=workload.samples_per_batch,
                tokens_per_batch=workload.tokens_per_batch, fwd_bwd_ms=fwd,
-               floor_bytes=floor_bytes(d, cfg.num_samples), floor_ms=floor, timing_s=timing_s, methods=rows)
+               floor_bytes=floor_bytes(d, cfg.num_samples), floor_ms=floor, warmup_rounds=rounds_warm,
+               warmup_s=warmup_s, timing_s=timing_s, methods=rows)
     if "fwd_bwd" in peak:
         out["fwd_bwd_peak_alloc_x"] = peak["fwd_bwd"] / param_bytes
     return out
@@ -435,44 +478,46 @@ GPT_LM = dict(dim=256, layers=6, heads=4, vocab=1024, seq_len=64, batch=8)  # 5.
 MLP_10M = dict(width=1536, depth=5, in_dim=256, batch=64)  # 9.85M parameters in 12 tensors
 
 # Per mode, per device type, per size: models ({kind: [options, ...]}), methods (None: every row),
-# timing. CPU models/small is the README's default run: about 1.5 minutes on 2 cores, checks included.
+# timing; time_budget is the seconds of the whole run: checks, warm-ups and timing of every model.
+# CPU models/small is the README's default run: about 2 minutes on 2 cores (124 s on 2026-12-04), checks
+# included; its 180 s budget holds a loaded machine near 3 minutes.
 PRESETS = {
     "models": {
         "cpu": {
             "small": dict(models=dict(mlp=[dict(width=512)], cnn=[dict(width=16, batch=16)], gpt=[GPT_LM]),
-                          warmup=2, steps=15, min_steps=4, row_budget=4.0, time_budget=60.0),
+                          warmup=2, steps=15, min_steps=5, row_budget=8.0, time_budget=180.0),
             "medium": dict(models=dict(mlp=[dict(width=512), dict(width=1024), dict(width=2048)],
                                        cnn=[dict(width=32)], gpt=[GPT_LM, dict(GPT_LM, dim=512)]),
-                           warmup=3, steps=30, min_steps=5, row_budget=15.0, time_budget=600.0),
+                           warmup=3, steps=30, min_steps=5, row_budget=15.0, time_budget=900.0),
             "large": dict(models=dict(mlp=[dict(width=1024), dict(width=2048), dict(width=4096)],
                                       cnn=[dict(width=64, blocks=2)], gpt=[dict(dim=512, layers=6, seq_len=128)]),
-                          warmup=3, steps=30, min_steps=5, row_budget=30.0, time_budget=1800.0),
+                          warmup=3, steps=30, min_steps=5, row_budget=30.0, time_budget=2700.0),
         },
         "cuda": {
             "small": dict(models=dict(mlp=[dict(width=1024), dict(width=4096)],
                                       cnn=[dict(width=64, blocks=2, batch=128)],
                                       gpt=[dict(dim=512, layers=6, heads=8, vocab=8192, seq_len=256, batch=16)]),
-                          warmup=5, steps=50, min_steps=10, row_budget=3.0, time_budget=60.0),
+                          warmup=5, steps=50, min_steps=10, row_budget=3.0, time_budget=180.0),
             "medium": dict(models=dict(mlp=[dict(width=1024), dict(width=2048), dict(width=4096), dict(width=5120)],
                                        cnn=[dict(width=128, blocks=2, batch=128)],
                                        gpt=[dict(dim=768, layers=12, heads=12, vocab=16384, seq_len=256, batch=16)]),
-                           warmup=5, steps=100, min_steps=10, row_budget=10.0, time_budget=300.0),
+                           warmup=5, steps=100, min_steps=10, row_budget=10.0, time_budget=600.0),
             "large": dict(models=dict(mlp=[dict(width=2048), dict(width=4096), dict(width=8192)],
                                       cnn=[dict(width=128, blocks=3, batch=256)],
                                       gpt=[dict(dim=1024, layers=24, heads=16, vocab=32768, seq_len=512, batch=8)]),
-                          warmup=5, steps=100, min_steps=10, row_budget=20.0, time_budget=900.0),
+                          warmup=5, steps=100, min_steps=10, row_budget=20.0, time_budget=1500.0),
         },
     },
     "overhead": {
         "cpu": {
             "small": dict(models=dict(mlp=[MLP_10M], gpt=[GPT_LM]), eager_reference=True,
                           methods="tsam_authors,tsam_foreach,tsam_fast_reference,tsam_fast_reference_eager,tsam_fast_cpp",
-                          warmup=2, steps=10, min_steps=4, row_budget=20.0, time_budget=240.0),
+                          warmup=2, steps=10, min_steps=4, row_budget=20.0, time_budget=600.0),
         },
         "cuda": {
             "small": dict(models=dict(mlp=[dict(width=4096)], gpt=[dict(dim=768, layers=12, heads=12, vocab=16384,
                                                                         seq_len=256, batch=16)]),
-                          eager_reference=True, warmup=3, steps=20, min_steps=5, row_budget=5.0, time_budget=120.0),
+                          eager_reference=True, warmup=3, steps=20, min_steps=5, row_budget=5.0, time_budget=300.0),
         },
     },
     "gpu": {
@@ -480,12 +525,12 @@ PRESETS = {
             "small": dict(models=dict(flat=[dict(numel=int(50e6), tensors=200), dict(numel=int(200e6), tensors=200),
                                             dict(numel=int(500e6), tensors=200)]),
                           methods="tsam_authors,tsam_foreach,tsam_fast_triton", authors_max=200e6,
-                          warmup=3, steps=15, min_steps=5, row_budget=10.0, time_budget=60.0),
+                          warmup=3, steps=15, min_steps=5, row_budget=10.0, time_budget=120.0),
         },
         "cpu": {  # the same code path on a CPU, for the smoke test and for a look without a GPU
             "small": dict(models=dict(flat=[dict(numel=int(4e6), tensors=20)]),
                           methods="tsam_authors,tsam_foreach,tsam_fast_cpp", authors_max=200e6,
-                          warmup=2, steps=10, min_steps=3, row_budget=5.0, time_budget=30.0),
+                          warmup=2, steps=10, min_steps=3, row_budget=5.0, time_budget=60.0),
         },
     },
     "fixed": {
@@ -493,7 +538,7 @@ PRESETS = {
             "small": dict(models=dict(mlp=[dict(in_dim=8, width=8, depth=1, classes=2, batch=16)]), loops=True,
                           methods="tsam_foreach,tsam_fast_reference,tsam_fast_reference_loop,tsam_fast_cpp,"
                                   "tsam_fast_cpp_loop", threads=1,
-                          warmup=100, steps=1500, min_steps=200, row_budget=60.0, time_budget=60.0),
+                          warmup=100, steps=1500, min_steps=200, row_budget=60.0, time_budget=120.0),
         },
     },
 }
@@ -523,8 +568,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="bench/throughput.py",
         description="tsam_fast's benchmarks on one harness: TSAM implementations against ERM and SAM on the same "
                     "models, batches and base optimizer, interleaved in one run, each checked against the reference "
-                    "optimizer before it is timed. Prints a markdown table; writes JSON, markdown and a PNG to "
-                    "bench/results/. Modes: " + ", ".join(MODES) + " (bench/README.md says what each measures).",
+                    "optimizer before it is timed. Prints progress on stderr (a line per phase and row when it is "
+                    "not a terminal), then a markdown table and a one-line verdict per tsam_fast row on stdout; "
+                    "writes JSON, markdown and a PNG to $" + harness.RESULTS_ENV + " or ~/.cache/tsam_fast/results "
+                    "(never into the checkout unless --record). Modes: " + ", ".join(MODES)
+                    + " (bench/README.md says what each measures).",
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--mode", choices=MODES, default="models", help="which benchmark")
@@ -574,8 +622,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--row-budget", type=float, default=None,
                    help="seconds of timed steps per row: slower rows run fewer steps (at least --min-steps)")
     g.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of timed steps for the whole run, shared by the models (checks and warm-up "
-                        "not included): once spent, rows stop at --min-steps")
+                   help="seconds for the whole run: checks, warm-ups and timing of every model, shared by the "
+                        "models (default: the preset's). Once a model's share is spent, its warm-up stops after "
+                        "2 rounds and its rows after --min-steps, marked 'time budget' in the table; the checks "
+                        "always run in full, so a run can overshoot by their time")
     g.add_argument("--baseline-noise", choices=("torch", "philox"), default="torch",
                    help="noise generator of the baselines while timed: torch's own (what their authors "
                         "call) or tsam_fast's Philox reference in tensor ops (slower); the correctness check "
@@ -589,11 +639,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("ops mode")
     g.add_argument("--op-sizes", default="1e6,1e7", help="elements per op call")
     g = p.add_argument_group("output")
-    g.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the JSON, markdown and PNG go")
+    out = g.add_mutually_exclusive_group()
+    out.add_argument("--out-dir", type=Path, default=None,
+                     help="where the JSON, markdown and PNG go, with a latest-<mode>-<device>.txt pointer to the "
+                          f"newest JSON (default: ${harness.RESULTS_ENV}, else ~/.cache/tsam_fast/results: outside "
+                          "the checkout)")
+    out.add_argument("--record", action="store_true",
+                     help="write the results into the committed bench/results/ (no pointer file): for figures "
+                          "the docs cite")
     g.add_argument("--no-save", action="store_true", help="print the table only; write no files")
     g.add_argument("--no-plot", action="store_true", help="write no PNG")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    return p.parse_args(argv)
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (neither the bar on a terminal nor the lines otherwise)")
+    args = p.parse_args(argv)
+    args.out_dir = harness.RECORDED_DIR if args.record else args.out_dir or harness.results_dir()
+    return args
 
 
 def resolve_device(text: str) -> torch.device:
@@ -644,7 +704,75 @@ def model_specs(args, preset: dict) -> List[ModelSpec]:
 # -- output -------------------------------------------------------------------------------------
 
 
+def _sig(x: float, digits: int = 2) -> str:
+    """``x`` to ``digits`` significant digits (at least), never in exponent form: 1.7, 2.0, 0.96, 84.4, 1234."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    return f"{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}"
+
+
+def _steps_cell(row: dict) -> str:
+    """The timed steps of a row, and what cut them: the time budget (marked) or the row budget."""
+    n, planned = row["steps"], row.get("steps_planned", row["steps"])
+    if row.get("cut_short"):
+        return f"{n} of {planned} (time budget)"
+    if row.get("row_budget_capped"):
+        return f"{n} (row budget)"
+    return str(n)
+
+
+def _note_cell(row: dict) -> str:
+    why = row.get("unreliable") or []
+    return "**unreliable**: " + "; ".join(why) if why else ""
+
+
+#: the rows each tsam_fast row is compared with in the verdict, and how the verdict names them
+VERDICT_BASELINES = (("tsam_foreach", "plain foreach TSAM"), ("tsam_authors", "the authors' loop"))
+
+
+def verdict(record: dict) -> List[str]:
+    """One line per tsam_fast row (a backend, or its ``begin_step()`` loop): its optimizer overhead per step on
+    the largest model it ran, as a multiple of the bandwidth floor and against plain foreach TSAM and the
+    authors'-style loop on that model (or on the largest model both ran, then named). A baseline that did not
+    run is said to be missing; a figure read from a row marked unreliable is marked ``[unreliable]``."""
+    dev = record["device"]["type"]
+    models = record["models"]
+    keys = list(dict.fromkeys(k for m in models for k in m["methods"] if k.startswith("tsam_fast_")))
+    if not keys:
+        ran = ", ".join(dict.fromkeys(k for m in models for k in m["methods"])) or "none"
+        return [f"verdict ({dev}): no tsam_fast row ran (rows: {ran}): nothing to compare"]
+
+    def flag(*rows) -> str:
+        return " [unreliable]" if any(not r.get("reliable", True) for r in rows) else ""
+
+    out = []
+    for key in keys:
+        ran = [m for m in models if key in m["methods"]]
+        big = max(ran, key=lambda m: m["params"])
+        row = big["methods"][key]
+        parts = [f"overhead {_sig(row['overhead_ms'], 3)} ms = {_sig(row['overhead_over_floor'])}× the floor"
+                 + flag(row)]
+        for base, what in VERDICT_BASELINES:
+            both = [m for m in ran if base in m["methods"]]
+            if not both:
+                parts.append(f"no row of {what} in this run")
+                continue
+            m = big if big in both else max(both, key=lambda m: m["params"])
+            mine, theirs = m["methods"][key], m["methods"][base]
+            where = "" if m is big else f" (on {model_tag(m['kind'], m['params'])})"
+            if mine["overhead_ms"] <= 0 or theirs["overhead_ms"] <= 0:
+                parts.append(f"no ratio to {what}{where}: an overhead ≤ 0")
+                continue
+            ratio = theirs["overhead_ms"] / mine["overhead_ms"]
+            parts.append((f"{_sig(ratio)}× below " if ratio >= 1 else f"{_sig(1 / ratio)}× above ")
+                         + what + where + flag(mine, theirs))
+        out.append(f"verdict ({dev}, {model_tag(big['kind'], big['params'])}): "
+                   f"{row['label']}: " + ", ".join(parts))
+    return out
+
+
 def markdown(record: dict) -> str:
+    """The run as markdown: a header line, a table per model, what the columns mean, the verdict last."""
     dev = record["device"]
     cfg = record["config"]
     lines = [f"{record['mode']} mode — {dev['name']} ({dev['type']}"
@@ -653,50 +781,67 @@ def markdown(record: dict) -> str:
              f"s = {cfg['tsam']['num_samples']}, base optimizer {cfg['tsam']['base_optimizer']}; reference "
              f"generator: {record['backends']['reference']['generator']}"
              + (f"; load average {record['load_average']['before']:.1f} before, "
-                f"{record['load_average']['after']:.1f} after" if record["load_average"]["before"] is not None else ""),
+                f"{record['load_average']['after']:.1f} after" if record["load_average"]["before"] is not None else "")
+             + (f"; wall time {record['wall_s']:.0f} s of a {cfg['time_budget_s']:.0f} s time budget"
+                if "wall_s" in record else ""),
              ""]
     gpu = dev["type"] == "cuda"
-    head = ["method", "calls", "step ms (median [IQR])", "fwd+bwd ms", "overhead ms (median [IQR])",
+    head = ["method", "calls", "steps", "step ms (median [IQR])", "fwd+bwd ms", "overhead ms (median [IQR])",
             "overhead ÷ floor", "÷ foreach", "extra mem ×params"] + (["peak step alloc ×params"] if gpu else []) + [
-        "samples/s", "tokens/s"]
+        "samples/s", "tokens/s", "note"]
     for m in record["models"]:
         check = m.get("check") or {}
         errs = [c["update_rel_err"] for cs in check.values() for c in cs.values()]
+        phases = "; ".join(f"{name} {m[k]:.0f} s" for name, k in (("check", "check_s"), ("warm-up", "warmup_s"),
+                                                                   ("timing", "timing_s")) if k in m)
         lines.append(f"**{m['name']}**: {harness.fmt_count(m['params'])} parameters in {m['tensors']} tensors; "
                      f"forward+backward {m['fwd_bwd_ms']['median']:.2f} ms; bandwidth floor {m['floor_ms']:.3f} ms "
                      f"({m['floor_bytes'] / 1e6:.0f} MB per TSAM step)"
                      + (f"; largest check error {max(errs):.1e} (tolerance {cfg['check_rtol']:g})" if errs
-                        else "; NOT CHECKED"))
+                        else "; NOT CHECKED")
+                     + (f"; {phases}" if phases else "")
+                     + (f"; warm-up cut to {m['warmup_rounds']} of {cfg['warmup']} rounds by the time budget"
+                        if m.get("warmup_rounds", cfg["warmup"]) < cfg["warmup"] else ""))
         lines.append("")
         foreach = m["methods"].get("tsam_foreach")
         rows = []
         for key, r in m["methods"].items():
             st, ov = r["step_ms"], r["overhead"]
-            cells = [r["label"], str(r["calls"]), f"{st['median']:.2f} [{st['q25']:.2f}–{st['q75']:.2f}]",
-                     f"{r['fwd_bwd_ms']:.2f}", f"{ov['median']:.2f} [{ov['q25']:.2f}–{ov['q75']:.2f}]",
+            cells = [r["label"], str(r["calls"]), _steps_cell(r),
+                     f"{st['median']:.2f} [{st['q25']:.2f}–{st['q75']:.2f}]", f"{r['fwd_bwd_ms']:.2f}",
+                     f"{ov['median']:.2f} [{ov['q25']:.2f}–{ov['q75']:.2f}]",
                      f"{r['overhead_over_floor']:.2f}",
                      f"{r['overhead_ms'] / foreach['overhead_ms']:.2f}" if foreach and key != "erm" and key != "sam"
                      else "–", f"{r['extra_memory_x']:.2f}"]
             if gpu:
                 cells.append(f"{r.get('peak_step_alloc_x', float('nan')):.2f}")
-            cells += [f"{r['samples_per_s']:.0f}", f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "–"]
+            cells += [f"{r['samples_per_s']:.0f}", f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "–",
+                      _note_cell(r)]
             rows.append(cells)
         lines.append(harness.markdown_table(head, rows))
         lines.append("")
     lines.append("overhead = step − time inside the closure (CPU: measured inside each step; GPU: calls × the "
                  "forward/backward row's median); floor = docs/design.md §5 bytes ÷ the copy bandwidth measured in "
                  "this run; ÷ foreach = overhead ÷ the plain foreach TSAM's; extra mem = tensors the method holds "
-                 "beyond parameters, gradients and base-optimizer state. Baselines timed with "
+                 "beyond parameters, gradients and base-optimizer state. steps: timed steps of the row; \"of N (time "
+                 "budget)\": cut short when the run's time budget (checks, warm-ups, timing) ran out; \"(row "
+                 "budget)\": a slow row held to about --row-budget seconds. **unreliable**: "
+                 f"{harness.UNRELIABLE_RULE} (step or overhead): do not read its ratios. Baselines timed with "
                  f"{cfg['baseline_noise']} noise; every row matched the reference before timing"
                  + (" (checks skipped: --no-check)." if cfg.get("no_check") else "."))
+    lines.append("")
+    lines.append("\n\n".join(verdict(record)))
     return "\n".join(lines)
 
 
-def save(record: dict, out_dir: Path, make_plot: bool) -> List[Path]:
+def save(record: dict, out_dir: Path, make_plot: bool, pointer: bool = True) -> List[Path]:
+    """The record's JSON, markdown and PNG in ``out_dir``; with ``pointer``, ``latest-<mode>-<device>.txt``
+    naming the newest JSON (not in the committed ``bench/results/``, where it would change with every run)."""
     dev = record["device"]["type"]
     stem = f"{record['mode']}-{dev}-{record['config']['size']}"
     return harness.save(record, out_dir, stem, markdown=markdown(record),
-                        plot=harness.plot_overheads if make_plot else None, pointer=f"latest-{record['mode']}-{dev}.txt")
+                        plot=harness.plot_overheads if make_plot else None,
+                        pointer=f"latest-{record['mode']}-{dev}.txt" if pointer else None)
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -745,49 +890,66 @@ def _run(args: argparse.Namespace, device: torch.device, methods: Optional[List[
         methods = [m for m in methods if m.key in wanted]
     specs = model_specs(args, preset)
 
+    progress = Progress(len(specs) * (warmup + steps) * (len(methods) + 1), enabled=not args.no_progress,
+                        start=t_start)
+    deadline = t_start + time_budget
+    progress.note(f"{args.mode} mode on {device}: {len(specs)} model(s) × {len(methods)} methods "
+                  f"({', '.join(m.key for m in methods)}); time budget {time_budget:.0f} s for checks, warm-ups and "
+                  "timing")
     load_before = harness.warn_if_loaded(device)
     bw_bytes = args.bandwidth_mib * 2**20 if args.bandwidth_mib else None
     bandwidth = harness.copy_bandwidth(device, bw_bytes)
+    progress.note(f"copy bandwidth {bandwidth:.1f} GB/s")
     record = dict(harness.machine_record(device), mode=args.mode, auto_backend=auto_backend(device),
                   bandwidth_gbps=bandwidth,
                   config=dict(size=args.size, warmup=warmup, steps=steps, min_steps=min_steps, row_budget_s=row_budget,
-                              time_budget_s=time_budget, baseline_noise=args.baseline_noise,
+                              time_budget_s=time_budget, time_budget_covers="checks, warm-ups and timing",
+                              baseline_noise=args.baseline_noise,
                               check_rtol=args.check_rtol, no_check=args.no_check, check_finite=args.check_finite,
                               models=[s.name for s in specs], methods=[m.key for m in methods], tsam=cfg.as_dict(),
                               floor_passes=dict(per_sample=PASSES_PER_SAMPLE, per_step=PASSES_PER_STEP)),
                   models=[])
     record["load_average"]["before"] = load_before
-    progress = Progress(len(specs) * (warmup + steps) * (len(methods) + 1), enabled=not args.no_progress)
     authors_max = preset.get("authors_max", float("inf"))
     try:
-        timing_left = time_budget
         for i, spec in enumerate(specs):
+            # each model's share: an equal part of what is left, so time a model leaves goes to the next
+            now = time.perf_counter()
+            model_deadline = now + max(0.0, deadline - now) / (len(specs) - i)
             workload = build(spec, device, seed=args.seed)
+            tag = model_tag(spec.kind, param_count(workload.make_model()))
             ms = [m for m in methods if not (m.key == "tsam_authors" and spec.options.get("numel", 0) > authors_max)]
-            check = {}
+            progress.note(f"{tag}: model {i + 1}/{len(specs)}, {spec.name}; {model_deadline - now:.0f} s of the "
+                          "time budget for it")
+            check, t_check = {}, time.perf_counter()
             if not args.no_check:
-                progress.update(0, f"{spec.kind}: checking against the reference")
                 # a flat model is checked at up to 2M parameters (same tensors): the plain reference's
                 # generator launches ~300 kernels per 256k elements, minutes at 500M on a GPU
                 twin = workload if spec.kind != "flat" or spec.options["numel"] <= CHECK_FLAT_MAX else build(
                     ModelSpec("flat", dict(spec.options, numel=CHECK_FLAT_MAX)), device, seed=args.seed)
-                check = check_methods(twin, cfg, ms, rtol=args.check_rtol)
+                progress.note(f"{tag}: check of {len(ms)} methods against the reference, timed and tilt-sensitive "
+                              "settings")
+                check = check_methods(twin, cfg, ms, rtol=args.check_rtol, progress=progress, tag=tag)
                 del twin
+                if time.perf_counter() > model_deadline:
+                    progress.warn(f"{tag}: the check took this model's whole share of the time budget "
+                                  f"({time.perf_counter() - t_check:.0f} s): warm-up and timing get their minimum")
+            check_s = time.perf_counter() - t_check
             result = bench_model(workload, cfg, ms, device=device, warmup=warmup, steps=steps,
-                                 min_steps=min_steps, row_budget_s=row_budget,
-                                 time_budget_s=timing_left / (len(specs) - i), bandwidth_gbps=bandwidth,
-                                 noise=args.baseline_noise, progress=progress)
-            timing_left = max(0.0, timing_left - result["timing_s"])
-            result["check"] = check
+                                 min_steps=min_steps, row_budget_s=row_budget, deadline=model_deadline,
+                                 bandwidth_gbps=bandwidth, noise=args.baseline_noise, progress=progress)
+            result["check"], result["check_s"] = check, check_s
             record["models"].append(result)
             del workload
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        progress.note("copy bandwidth again, for the record")
+        record["bandwidth_after_gbps"] = harness.copy_bandwidth(device, bw_bytes)
+        record["wall_s"] = time.perf_counter() - t_start
+        progress.note(f"done in {record['wall_s']:.0f} s (time budget {time_budget:.0f} s)")
     finally:
         progress.close()
-    record["bandwidth_after_gbps"] = harness.copy_bandwidth(device, bw_bytes)
-    record["wall_s"] = time.perf_counter() - t_start
     record["load_average"]["after"] = harness.load_average()
     return record
 
@@ -802,11 +964,11 @@ def main(argv=None) -> int:
     except CheckFailed as e:
         print(f"ABORTED before timing: {e}", file=sys.stderr)
         return 2
-    print(markdown(record))
-    print(f"\nwall time {record['wall_s']:.0f} s")
-    if not args.no_save:
-        for path in save(record, args.out_dir, make_plot=not args.no_plot):
-            print(f"wrote {path}")
+    if not args.no_save:  # first, so that the verdict is the last thing printed
+        for path in save(record, args.out_dir, make_plot=not args.no_plot, pointer=not args.record):
+            print(f"wrote {path}", file=sys.stderr)
+    sys.stderr.flush()
+    print(markdown(record), flush=True)
     return 0
 
 

@@ -1,17 +1,26 @@
 """Smoke test of the benchmarks (bench/throughput.py and its modes, on bench/harness.py) on tiny models: they
 run end to end, every method passes the check against the reference, a wrong method aborts the run
-before timing, results are timestamped files plus a pointer, and the default run has its transformer LM."""
+before timing, results are timestamped files plus a pointer outside the checkout, and the default run has
+its transformer LM. The main job talks: under redirection it prints a line per phase and ends with a
+verdict; the time budget cuts rows short and says so; rows too noisy to read are marked unreliable."""
 
 from __future__ import annotations
 
 import copy
+import io
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
 
 import harness  # noqa: E402
 import throughput  # noqa: E402
@@ -40,6 +49,10 @@ def test_default_run_checks_and_records(tmp_path, capsys):
     assert throughput.main(TINY + ["--out-dir", str(tmp_path), "--no-plot"]) == 0
     record = json.loads(harness.latest(tmp_path, "latest-models-cpu.txt").read_text())
     table = capsys.readouterr().out
+    # the verdict ends stdout: one line per tsam_fast row, naming the floor and both baselines
+    tail = [line for line in table.splitlines() if line.strip()][-len(record["models"][0]["methods"]) + 4:]
+    assert all(line.startswith("verdict (cpu, ") for line in tail), tail
+    assert all("the floor" in line and "plain foreach TSAM" in line and "the authors' loop" in line for line in tail)
     expected = {"erm", "sam", "tsam_authors", "tsam_foreach"} | {
         f"tsam_fast_{n}" for n, st in __import__("tsam_fast").backend_info().items()
         if st.available and ("any" in st.devices or "cpu" in st.devices)}
@@ -51,6 +64,8 @@ def test_default_run_checks_and_records(tmp_path, capsys):
         assert "tsam_fast_reference" in model["check"]["timed"]  # checked against the plain definition too
         for key, row in model["methods"].items():
             assert row["step_ms"]["median"] > 0 and row["steps"] >= 2, key
+            assert row["steps"] == row["steps_planned"] and not row["cut_short"], key  # no budget ran out
+            assert row["reliable"] == (not row["unreliable"]), key
             assert 0 < row["fwd_bwd_ms"] < row["step_ms"]["median"], key  # time inside the closure, per step
             assert row["label"] in table
         assert model["methods"]["tsam_authors"]["extra_memory_x"] > model["methods"]["tsam_foreach"]["extra_memory_x"]
@@ -108,3 +123,180 @@ def test_default_preset_has_a_real_shaped_transformer():
 def test_floor_is_the_design_notes_budget():
     assert harness.floor_bytes(1000, 3) == 42 * 4 * 1000
     assert abs(harness.floor_ms(10**6, 3, 42 * 4 / 1e3) - 1e3) < 1e-9  # 168 MB at 0.168 GB/s: one second
+
+
+# -- the main job talks -------------------------------------------------------------------------
+
+
+def stamped_line(text: str):
+    """A progress line as a log gets it: ``[  12.3 s] ...``."""
+    return re.match(r"^\[\s*\d+\.\d s\] ", text)
+
+
+def _porcelain():
+    """``git status --porcelain`` of the checkout (untracked files included), or None without git."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        return None
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    return out.stdout if out.returncode == 0 else None
+
+
+def test_redirected_run_talks_and_leaves_the_checkout_clean(tmp_path):
+    """The main job as CI or nohup runs it, stdout and stderr to files: a stamped line per phase on stderr,
+    the verdict last on stdout, the results in $TSAM_FAST_RESULTS, and nothing written into the checkout."""
+    res = tmp_path / "results"
+    env = {**os.environ, "TSAM_FAST_RESULTS": str(res), "TSAM_FAST_COMPILE": "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    before = _porcelain()
+    recorded_before = sorted(p.name for p in harness.RECORDED_DIR.iterdir())
+    # the reference and cpp rows (not triton's, which the suite runs in its interpreter on a CPU: slow)
+    args = [a for a in TINY if a != "--no-progress"] + ["--models", "mlp", "--backends", "reference,cpp", "--no-plot"]
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.run([sys.executable, "bench/throughput.py"] + args, cwd=REPO, env=env, stdout=out,
+                              stderr=err, timeout=300)
+    stdout, stderr = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 0, stderr
+    lines = [line for line in stderr.splitlines() if stamped_line(line)]
+    for phase in ("time budget", "copy bandwidth", "mlp .*: check of", "mlp .*: warm-up", "mlp .*: timing",
+                  "done in"):
+        assert any(re.search(phase, line) for line in lines), (phase, stderr)
+    assert "\r" not in stderr  # no bar drawn into a file
+    last = [line for line in stdout.splitlines() if line.strip()][-1]
+    assert last.startswith("verdict (cpu, mlp ") and "the floor" in last, stdout
+    written = sorted(p.name for p in res.iterdir())
+    assert "latest-models-cpu.txt" in written and any(n.endswith(".json") for n in written)
+    assert sorted(p.name for p in harness.RECORDED_DIR.iterdir()) == recorded_before
+    if before is not None:
+        assert _porcelain() == before  # nothing tracked rewritten, nothing untracked added
+
+
+def test_default_results_dir_is_outside_the_checkout(monkeypatch):
+    monkeypatch.delenv(harness.RESULTS_ENV, raising=False)
+    default = harness.results_dir()
+    assert default == Path.home() / ".cache" / "tsam_fast" / "results"
+    assert REPO not in default.resolve().parents
+    monkeypatch.setenv(harness.RESULTS_ENV, "/somewhere/else")
+    assert harness.results_dir() == Path("/somewhere/else")
+    assert throughput.parse_args([]).out_dir == Path("/somewhere/else")
+    assert throughput.parse_args(["--record"]).out_dir == harness.RECORDED_DIR
+    assert not list(harness.RECORDED_DIR.glob("latest-*.txt"))  # no pointer file is committed
+
+
+def test_time_budget_cuts_rows_short_and_says_so(capsys, tmp_path):
+    """A spent budget (0 s: the checks alone overrun it) keeps 2 warm-up rounds and --min-steps per row,
+    and every row cut short says so in the record, the table and the progress lines."""
+    args = throughput.parse_args([a for a in TINY if a not in ("--no-progress",)]
+                                 + ["--models", "mlp", "--warmup", "3", "--steps", "6", "--min-steps", "3",
+                                    "--time-budget", "0", "--methods", "erm,tsam_foreach"])
+    record = throughput.run(args)
+    err = capsys.readouterr().err
+    (model,) = record["models"]
+    assert model["warmup_rounds"] == 2
+    for key, row in model["methods"].items():
+        assert row["steps"] == 3 and row["steps_planned"] == 6 and row["cut_short"], key
+    table = throughput.markdown(record)
+    assert table.count("3 of 6 (time budget)") == 2
+    assert "warm-up cut to 2 of 3 rounds by the time budget" in table
+    assert "time budget spent" in err and "cut short" in err and "warm-up cut to 2 of 3 rounds" in err
+    # --record's writer: the timestamped files, no pointer (it would change the committed tree every run)
+    written = throughput.save(record, tmp_path, make_plot=False, pointer=False)
+    assert sorted(p.suffix for p in written) == [".json", ".md"] and sorted(tmp_path.iterdir()) == sorted(written)
+
+
+# -- unreliable rows, the verdict, progress, the plot (synthetic, no timing) ---------------------
+
+
+def test_unreliable_marks_wide_spreads_and_few_samples():
+    tight = harness.summarize([100.0 + 0.5 * (i % 5) for i in range(15)])
+    assert harness.unreliable(tight) is None
+    wide = harness.summarize([100.0, 140.0, 70.0, 180.0, 95.0, 60.0, 150.0, 110.0])  # a busy machine
+    why = harness.unreliable(wide, "overhead")
+    assert why.startswith("overhead ±") and "8 samples" in why
+    assert "under 3" in harness.unreliable(harness.summarize([1.0, 1.0]))
+    assert "≤ 0" in harness.unreliable(harness.summarize([-1.0, -2.0, -1.5, -1.2]))
+    # the same spread is readable with enough samples: the bound is on the median's 95% interval, 2 IQR/√n
+    spread = [85.0, 90.0, 100.0, 110.0, 115.0]  # IQR/median 0.25: ±22% at 5 samples, ±3.5% at 200
+    few, many = harness.summarize(spread), harness.summarize(spread * 40)
+    assert harness.unreliable(few) is not None and harness.unreliable(many) is None
+    assert abs(harness.median_half_width(many) - 2 * many["iqr"] / (200 ** 0.5 * 100.0)) < 1e-12
+
+
+def _row(label, overhead, floor=10.0, reliable=True):
+    st = dict(median=overhead, q25=0.9 * overhead, q75=1.1 * overhead, iqr=0.2 * overhead, n=15)
+    return dict(label=label, overhead_ms=overhead, overhead=st, overhead_over_floor=overhead / floor,
+                reliable=reliable, unreliable=[] if reliable else ["overhead ±40%"])
+
+
+def _record(models):
+    return dict(device=dict(type="cpu", name="test cpu"), mode="models", date="2026-12-04T00:00:00+00:00",
+                models=models)
+
+
+def test_verdict_per_backend_names_missing_and_unreliable_rows():
+    small = dict(kind="mlp", params=1_000_000, floor_ms=10.0, methods=dict(
+        tsam_authors=_row("TSAM authors'-style", 390.0), tsam_foreach=_row("TSAM foreach", 180.0),
+        tsam_fast_cpp=_row("tsam_fast cpp (auto)", 100.0)))
+    big = dict(kind="gpt", params=5_280_000, floor_ms=50.0, methods=dict(
+        tsam_foreach=_row("TSAM foreach", 190.0, 50.0, reliable=False),
+        tsam_fast_cpp=_row("tsam_fast cpp (auto)", 85.0, 50.0),
+        tsam_fast_reference=_row("tsam_fast reference", 300.0, 50.0)))
+    cpp, ref = throughput.verdict(_record([small, big]))
+    assert cpp == ("verdict (cpu, gpt 5.28M): tsam_fast cpp (auto): overhead 85.0 ms = 1.7× the floor, 2.2× below "
+                   "plain foreach TSAM [unreliable], 3.9× below the authors' loop (on mlp 1M)")
+    assert ref == ("verdict (cpu, gpt 5.28M): tsam_fast reference: overhead 300 ms = 6.0× the floor, 1.6× above "
+                   "plain foreach TSAM [unreliable], no row of the authors' loop in this run")
+    only_baselines = dict(small, methods={"tsam_foreach": small["methods"]["tsam_foreach"]})
+    assert throughput.verdict(_record([only_baselines])) == [
+        "verdict (cpu): no tsam_fast row ran (rows: tsam_foreach): nothing to compare"]
+
+
+def test_progress_lines_when_not_a_terminal():
+    stream = io.StringIO()  # not a terminal
+    progress = harness.Progress(10, every_s=3600.0, stream=stream)
+    assert progress.mode == "lines"
+    progress.note("mlp: check")
+    progress.update(1, "a fast row")  # within every_s of the last line: no line of its own
+    progress.warn("time budget spent")
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("] mlp: check") and lines[1].endswith("] time budget spent")
+    assert all(stamped_line(line) for line in lines)
+    eager = io.StringIO()
+    progress = harness.Progress(10, every_s=0.0, stream=eager)
+    progress.update(1, "row 1")
+    progress.update(1, "row 2")
+    assert eager.getvalue().count("\n") == 2
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    progress = harness.Progress(10, stream=tty)
+    assert progress.mode == "bar"
+    progress.note("gpt: timing"), progress.update(3, "round 1"), progress.warn("time budget spent")
+    progress.close()
+    assert "time budget spent" in tty.getvalue() and not stamped_line(tty.getvalue())
+    quiet = io.StringIO()
+    progress = harness.Progress(10, enabled=False, stream=quiet)
+    progress.note("x"), progress.warn("y"), progress.update(1, "z")
+    assert quiet.getvalue() == ""
+
+
+def test_plot_has_error_bars_and_only_the_models_that_ran(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    figures = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), real_savefig(self, *a, **k)))
+    gpt = dict(kind="gpt", params=5_280_000, floor_ms=50.0, methods=dict(
+        tsam_foreach=_row("TSAM foreach", 190.0, 50.0, reliable=False),
+        tsam_fast_cpp=_row("tsam_fast cpp", 85.0, 50.0)))
+    assert harness.plot_overheads(_record([gpt]), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    (fig,) = figures
+    title = fig.axes[0].get_legend().get_title().get_text()
+    assert "gpt" in title and not any(k in title for k in ("mlp", "cnn", "flat")) and "unreliable" in title
+    from matplotlib.container import ErrorbarContainer
+    assert all(sum(isinstance(c, ErrorbarContainer) for c in ax.containers) == 2 for ax in fig.axes)
