@@ -62,3 +62,14 @@ def interpreted(name: str, device: str) -> bool:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: reset before and after a test that builds an Accelerator
+    (each sets its own mixed precision). Skips, naming the extra, where accelerate is not installed."""
+    state = pytest.importorskip("accelerate.state", reason="accelerate is not installed (pip install -e "
+                                                           "'.[integrations]', or bash scripts/setup.sh)")
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    state.AcceleratorState._reset_state(reset_partial_state=True)

@@ -318,15 +318,6 @@ def test_tsam_trainer_refuses_what_it_cannot_run(tmp_path):
 
 # -- Accelerate -------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def accelerate_state():
-    state = pytest.importorskip("accelerate.state", reason="accelerate is not installed (pip install -e "
-                                                           "'.[integrations]')")
-    state.AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    state.AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _accelerate_run(accelerator, options, micro_batches, epochs=2, autocast=None):
     from tsam_fast.integrations.accelerate import tsam_step
     net = _net()
@@ -346,7 +337,7 @@ def _accelerate_run(accelerator, options, micro_batches, epochs=2, autocast=None
     return model, opt.optimizer, roles
 
 
-def test_accelerate_tsam_step_equals_a_plain_loop(accelerate_state):
+def test_accelerate_tsam_step_equals_a_plain_loop(fresh_accelerate_state):
     """Uneven micro-batches (5 rows into 3: 2 + 2 + 1) of a dict batch, and forward-only scoring evaluations
     (``backward_samples``): bit for bit a plain loop; ``on_evaluation`` sees every evaluation."""
     from accelerate import Accelerator
@@ -372,7 +363,7 @@ def test_accelerate_tsam_step_equals_a_plain_loop(accelerate_state):
     assert tsam.step_count == reference.step_count == 8
 
 
-def test_accelerate_tsam_step_with_a_grad_scaler(accelerate_state):
+def test_accelerate_tsam_step_with_a_grad_scaler(fresh_accelerate_state):
     """The accelerator's GradScaler (fp16; Accelerate makes one only on a GPU, so it is set by hand here):
     TSAM takes it, and a start scale of 2**20 makes the first steps overflow and be skipped. Bit for bit a
     plain TSAM loop with its own scaler."""
@@ -392,13 +383,13 @@ def test_accelerate_tsam_step_with_a_grad_scaler(accelerate_state):
     assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), _net().parameters()))
 
 
-def test_accelerate_tsam_step_refuses_accelerates_accumulation(accelerate_state):
+def test_accelerate_tsam_step_refuses_accelerates_accumulation(fresh_accelerate_state):
     from accelerate import Accelerator
     with pytest.raises(ValueError, match="micro_batches"):
         _accelerate_run(Accelerator(cpu=True, gradient_accumulation_steps=2), OPTIONS, micro_batches=2)
 
 
-def test_save_on_preemption_saves_on_the_signal_and_restores_the_handlers(tmp_path, accelerate_state):
+def test_save_on_preemption_saves_on_the_signal_and_restores_the_handlers(tmp_path, fresh_accelerate_state):
     """One process: the signal (here between steps) saves at once, ``requested()`` turns true, and the
     previous handlers are back after the block. A signal inside a step is the recipe's test
     (test_integrations.py: preempted mid-step, resumed bit-identical)."""

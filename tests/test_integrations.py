@@ -60,16 +60,6 @@ def test_lr_schedulers_drive_the_base_optimizer(make):
 # They are test-time dependencies (the `integrations` extra, installed by scripts/setup.sh); a test skips,
 # naming the package, only where it cannot be imported. The recipes under examples/ are what is tested.
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; each recipe run here sets its own mixed precision."""
-    state = pytest.importorskip("accelerate.state", reason="accelerate is not installed (pip install -e "
-                                                           "'.[integrations]', or bash scripts/setup.sh)")
-    state.AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    state.AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _assert_same_tensors(a: dict, b: dict, what: str):
     assert a.keys() == b.keys(), what
     bad = [k for k in a if not torch.equal(a[k], b[k])]
