@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m pytest tests -q "$@"
+# -P: the checkout's root is not put on sys.path, so its kernels/ folder (installed as tsam_fast._kernels)
+# cannot shadow the PyPI package `kernels`, which recent transformers imports when it is installed.
+exec "${PYTHON:-python3}" -P -m pytest tests -q "$@"
