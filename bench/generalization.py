@@ -87,9 +87,10 @@ from torch import nn
 from torch.nn import functional as F
 
 HERE = Path(__file__).resolve().parent
-for _path in (HERE.parent, HERE):  # the working tree's tsam_fast and bench/, also when run as a script
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(HERE) not in sys.path:  # bench/, also when run as a script
+    sys.path.insert(0, str(HERE))
+if str(HERE.parent) not in sys.path:  # the working tree's tsam_fast when it is not installed; last, so that
+    sys.path.append(str(HERE.parent))  # its kernels/ folder never shadows an installed package `kernels`
 
 import harness  # noqa: E402
 import mnist  # noqa: E402
