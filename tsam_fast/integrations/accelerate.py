@@ -94,7 +94,8 @@ class Preemption:
     def requested(self) -> bool:
         """Whether the loop should stop now, before its next step: a signal came. On several processes
         every process must call it at the same point of the loop (once per step): one small all-reduce makes
-        their answers agree, so that all stop after the same step."""
+        their answers agree, so that all stop after the same step. That is one host read per call on several
+        processes -- between steps, never inside one (on one process: none)."""
         if self.accelerator.num_processes > 1 and not self._stopping:
             flag = torch.tensor([float(self.signalled)], device=self.accelerator.device)
             self._stopping = bool(self.accelerator.reduce(flag, "sum").item() > 0)
