@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import tsam_fast
 
 
@@ -41,3 +44,31 @@ def test_works_without_triton_and_cpp():
     assert out.stdout.split() == ["reference", "True"]
     assert "backend 'auto' uses 'reference' for cpu float32 parameters" in out.stderr  # one line per (device, dtype)
     assert "simulated: no compiler" in out.stderr
+
+
+def test_a_backend_object_runs_the_step():
+    """``backend=`` takes a Backend object (an op-contract implementation of one's own): the step runs its ops,
+    and a dtype it does not declare is refused in words."""
+    from tsam_fast.backends.base import Backend
+    from tsam_fast.backends.reference import ReferenceOps
+
+    calls = []
+
+    class Counting(ReferenceOps):
+        def finalize(self, *args, **kwargs):
+            calls.append(1)
+            return super().finalize(*args, **kwargs)
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(7))
+    q = torch.nn.Parameter(p.detach().clone())
+    own = tsam_fast.TSAM([p], torch.optim.SGD, lr=0.1, seed=3,
+                         backend=Backend("counting", Counting(), (torch.float32,)))
+    ref = tsam_fast.TSAM([q], torch.optim.SGD, lr=0.1, seed=3, backend="reference")
+    for opt, x in ((own, p), (ref, q)):
+        opt.step(lambda x=x: (l := (x.sin() ** 2).sum()).backward() or l)
+    assert calls and own.backend_name() == "counting"
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    half = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    with pytest.raises(tsam_fast.BackendUnavailable, match="does not run"):
+        tsam_fast.TSAM([half], torch.optim.SGD, lr=0.1, backend=Backend("counting", Counting(), (torch.float32,)))

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from .backends import BACKENDS, BackendUnavailable, resolve_backend
+from .backends import BACKENDS, Backend, BackendUnavailable, resolve_backend
 from .engine import (NonFiniteLossError, StepConfig, StepRun, check_choice, check_number, check_tilt,
                      live_run, register_run)
 from .flat import FlatLayout, check_parameter
@@ -84,7 +84,9 @@ class TSAM(torch.optim.Optimizer):
             is already tilted by delta); the reported tilted loss uses t.
         hmc_steps, hmc_step_size, hmc_sigma: K leapfrog steps, step size alpha, momentum scale sigma.
         seed: the noise seed; with the step counter it fixes every perturbation (saved in state_dict).
-        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (see ``tsam_fast.backend_info()``).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (see ``tsam_fast.backend_info()``), or a
+            ``tsam_fast.backends.Backend`` object (an implementation of the op contract of your own; the
+            benchmarks use it to time the plain reference ops).
         check_finite: raise :class:`NonFiniteLossError` (and undo the step) when a loss or gradient is
             NaN/inf. This reads one flag on the host at the end of each step and, unless
             ``max_grad_norm`` already measures every sample's gradient, sums the final gradient once (one
@@ -138,7 +140,9 @@ class TSAM(torch.optim.Optimizer):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"invalid seed={seed!r}: expected an integer")
         self.seed = int(seed)
-        self.backend = check_choice("backend", backend, ("auto",) + BACKENDS)
+        if not isinstance(backend, Backend):
+            check_choice("backend", backend, ("auto",) + BACKENDS)
+        self.backend = backend
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (got {type(grad_scaler).__name__})")
         self.grad_scaler = grad_scaler
@@ -393,7 +397,13 @@ class TSAM(torch.optim.Optimizer):
         key = (device, dtype)
         backend = self._backends.get(key)
         if backend is None:
-            backend = self._backends[key] = resolve_backend(self.backend, device.type, dtype)
+            if isinstance(self.backend, Backend):
+                if dtype not in self.backend.dtypes:
+                    raise BackendUnavailable(f"backend {self.backend.name!r} does not run {dtype} parameters")
+                backend = self.backend
+            else:
+                backend = resolve_backend(self.backend, device.type, dtype)
+            self._backends[key] = backend
         return backend
 
     def _invalidate_layout(self) -> None:
