@@ -1,6 +1,6 @@
 """The cases of tests/test_engine_golden.py: one trajectory per variant of the step, recorded bit for bit
-from the commit before the step engine became a package (tests/record_engine_golden.py, commit 8b0c1e4's
-parent). A refactoring of the engine must not change a single bit of any of them.
+from the commit before the step engine became a package (tests/record_engine_golden.py, at
+commit 7061d99, the last of the single-file engine). A refactoring of the engine must not change a single bit of any of them.
 
 Each case runs 7 steps (enough for the periodic tilt's full, between and next full steps) on the golden
 model of tests/golden_cases.py, with its two param groups (tilts and rho differ) where the variant allows,
