@@ -288,12 +288,12 @@ def _step_inside_step_caught(opt, model, x, y):
     run = opt.begin_step()
     evaluations = iter(run)
     next(evaluations)
-    theta0 = [b.clone() for b in run.buckets[0].backup_parts]
+    theta0 = [b.clone() for b in run.layout.buckets[0].backup_parts]
     try:
         opt.begin_step()
     except RuntimeError as error:
         assert run.state == "abandoned" and opt.closure_index is None
-        assert all(torch.equal(p, t) for p, t in zip(run.buckets[0].theta, theta0))
+        assert all(torch.equal(p, t) for p, t in zip(run.layout.buckets[0].theta, theta0))
         raise error
 
 

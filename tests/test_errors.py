@@ -41,6 +41,17 @@ BAD_ARGS = [
     (dict(delta=-0.5), ValueError, r"delta=-0.5"),
     (dict(seed="x"), ValueError, r"seed='x'"),
     (dict(adaptive=True, sampler="random"), ValueError, r"adaptive=True.*sampler='ascent'"),
+    (dict(hmc_sigma=-1.0), ValueError, r"hmc_sigma=-1.0"),
+    (dict(radius_mode="fraction"), ValueError, r"radius_mode='fraction'.*'absolute', 'relative'"),
+    (dict(tilt_every=0), ValueError, r"tilt_every=0.*>= 1"),
+    (dict(backward_samples=0, sampler="random"), ValueError, r"backward_samples=0.*>= 1"),
+    (dict(backward_samples=1), ValueError, r"backward_samples scores the samples.*sampler='random'"),
+    (dict(backward_select="max"), ValueError, r"backward_select='max'.*'sample', 'top'"),
+    (dict(backward_samples=4, backward_select="top", sampler="random", num_samples=3), ValueError,
+     r"backward_samples must be <= num_samples"),
+    (dict(shared_ascent=True, sampler="hmc"), ValueError, r"shared_ascent=True.*sampler='ascent'"),
+    (dict(grad_scaler="fp16"), TypeError, r"grad_scaler must be a torch.amp.GradScaler"),
+    (dict(shard_buffers="flat"), ValueError, r"shard_buffers='flat'"),
 ]
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tsam_fast import TSAM
-from tsam_fast import engine
+from tsam_fast import rng as engine_rng
 
 from conftest import assert_close
 from tables import one_thread  # noqa: F401  (fixture)
@@ -73,7 +73,7 @@ def test_sampled_backward_is_unbiased(monkeypatch):
                backward_samples=1)
     closure = _closure(model, x, y)
     draws = torch.Generator().manual_seed(11)
-    monkeypatch.setattr(engine.rng, "host_uniform", lambda seed: float(torch.rand((), generator=draws)))
+    monkeypatch.setattr(engine_rng, "host_uniform", lambda seed: float(torch.rand((), generator=draws)))
     grads = []
     for _ in range(1500):
         opt._step_count = 0  # the same s points every time; only the draw changes

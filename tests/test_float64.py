@@ -29,7 +29,9 @@ def _closure(model, x, y):
     return closure
 
 
-def test_auto_trains_float64_on_the_reference_and_says_so(caplog):
+def test_auto_trains_float64_on_the_reference_and_says_so(caplog, monkeypatch):
+    from tsam_fast import backends
+    monkeypatch.setattr(backends, "_announced", set())  # said once per process: another test may have made it
     model = _model()
     x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
     with caplog.at_level(logging.INFO, logger="tsam_fast"):

@@ -41,7 +41,6 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .engine import live_run
 from .optimizer import TSAM
 
 __all__ = ["BN_POLICIES", "bn_running_stats", "bn_update_once_per_step", "bn_update_per_sample"]
@@ -52,16 +51,16 @@ _COUNT = "num_batches_tracked"
 
 
 class _Handles:
-    def __init__(self, handles: List, optimizer: Optional[TSAM] = None, at_start=None):
+    def __init__(self, handles: List, unregister: Optional[Callable[[], None]] = None):
         self._handles = handles
-        self._optimizer, self._at_start = optimizer, at_start
+        self._unregister = unregister
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._at_start is not None and self._at_start in self._optimizer._step_start_state:
-            self._optimizer._step_start_state.remove(self._at_start)
+        if self._unregister is not None:
+            self._unregister()
 
 
 def _tsam_of(optimizer, caller: str) -> TSAM:
@@ -86,7 +85,7 @@ def _install(model: nn.Module, optimizer: TSAM, caller: str, frozen: Callable[[i
     def before(module, args):
         index = optimizer.closure_index
         if module.training and index is not None:
-            run = live_run(optimizer)
+            run = optimizer.step_in_progress
             if start["run"] is None or start["run"]() is not run:
                 start.update(run=weakref.ref(run), values={})
             if module not in start["values"]:
@@ -106,7 +105,7 @@ def _install(model: nn.Module, optimizer: TSAM, caller: str, frozen: Callable[[i
     def at_step_start():
         """The running statistics as the step began, for the duration (whatever object the layer holds
         now: inside a frozen forward, its throw-away copies), then back as they were."""
-        run = live_run(optimizer)
+        run = optimizer.step_in_progress
         values = start["values"] if run is not None and start["run"] is not None and start["run"]() is run else {}
         now = []
         with torch.no_grad():
@@ -129,8 +128,7 @@ def _install(model: nn.Module, optimizer: TSAM, caller: str, frozen: Callable[[i
             handles.append(module.register_forward_hook(after, always_call=True))
     if not handles:
         raise ValueError(f"{caller}: the model has no batch-norm layer that tracks running stats")
-    optimizer._step_start_state.append(at_step_start)
-    return _Handles(handles, optimizer, at_step_start)
+    return _Handles(handles, optimizer.register_step_start_state(at_step_start))
 
 
 def bn_update_once_per_step(model: nn.Module, optimizer) -> _Handles:
@@ -146,7 +144,7 @@ def bn_update_per_sample(model: nn.Module, optimizer) -> _Handles:
     opt = _tsam_of(optimizer, "bn_update_per_sample")
 
     def revisit(index: int) -> bool:  # an earlier evaluation of this step was already at sample j's points
-        evaluations = live_run(opt).plan  # the live step's plan: samples drawn by backward_samples filled in
+        evaluations = opt.step_in_progress.plan  # the live step's plan: samples drawn by backward_samples filled in
         j = evaluations[index].sample
         return any(ev.sample == j for ev in evaluations[:index])
     return _install(model, opt, "bn_update_per_sample", revisit, _STATS)

@@ -1,9 +1,9 @@
 """TSAM: Tilted Sharpness-Aware Minimization as a ``torch.optim`` optimizer.
 
-The class is the thin API: construction and validation, param groups, state, and two drivers of the one
-step engine (``tsam_fast.engine``): ``step(closure)`` and the closure-free ``begin_step()`` loop. The
-engine decides what happens in a step (docs/design.md §1-3, §8); the backend's fused ops
-(``tsam_fast.backends``) do the element-wise work over flat buffers (``tsam_fast.flat``).
+The class is the thin API: construction and validation (the options of ``tsam_fast.options``), param
+groups, state, and two drivers of the one step engine (``tsam_fast.engine``): ``step(closure)`` and the
+closure-free ``begin_step()`` loop. The engine decides what happens in a step (docs/design.md §1-3, §8) and
+reports it back (``StepResult``); the backend's fused ops (``tsam_fast.backends``) do the element-wise work.
 """
 
 from __future__ import annotations
@@ -11,111 +11,47 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import numbers
 import warnings
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from .backends import BACKENDS, Backend, BackendUnavailable, resolve_backend
-from .engine import (NonFiniteLossError, StepConfig, StepRun, check_choice, check_number, check_tilt,
-                     live_run, register_run)
+from . import options
+from .backends import Backend, BackendUnavailable, resolve_backend
+from .checkpoint import CheckpointMixin
+from .engine import NonFiniteLossError, Session, StepConfig, StepInputs, StepResult, StepRun
 from .flat import FlatLayout, check_parameter
+from .options import check_number
 
 __all__ = ["TSAM", "NonFiniteLossError"]
 
 # Hyperparameters a param group may override.
-GROUP_KEYS = ("tilt", "rho", "radius")
-_CONFIG_FIELDS = tuple(StepConfig.__dataclass_fields__)
+GROUP_KEYS = tuple(o.name for o in options.by_scope("group"))
+_STEP_OPTIONS = tuple(o.name for o in options.by_scope("step"))
 
 
-class TSAM(torch.optim.Optimizer):
-    r"""Tilted SAM (Li, Zhou & Bilmes, ICML 2025) around any ``torch.optim`` base optimizer.
+class TSAM(CheckpointMixin, torch.optim.Optimizer):
+    __doc__ = r"""Tilted SAM (Li, Zhou & Bilmes, ICML 2025) around any ``torch.optim`` base optimizer.
 
     Each :meth:`step` draws ``num_samples`` perturbations :math:`\epsilon_j` around the parameters
     :math:`\theta`, evaluates the closure at :math:`\theta + \epsilon_j` and hands the base optimizer the
-    tilted gradient :math:`\sum_j w_j \nabla L(\theta+\epsilon_j)` with
-    :math:`w = \mathrm{softmax}(t \cdot L)`, accumulated online in log-sum-exp form (one fp32
-    accumulator, whatever ``num_samples``). The base optimizer then steps from the restored
-    :math:`\theta`.
+    tilted gradient :math:`\sum_j w_j \nabla L(\theta+\epsilon_j)` with :math:`w = \mathrm{softmax}(t L)`,
+    accumulated online in log-sum-exp form (one fp32 accumulator, whatever ``num_samples``). The base
+    optimizer then steps from the restored :math:`\theta`.
 
     Args:
         params: parameters or param groups (groups may override ``tilt``, ``rho``, ``radius`` and any
             base-optimizer option).
         base_optimizer: the base optimizer *class*, e.g. ``torch.optim.SGD``.
-        tilt: t >= 0, or a callable ``step -> t`` (``tsam_fast.schedules``). 0 averages the samples'
-            gradients; large t approaches the worst sample's gradient (SAM's objective).
-        num_samples: s >= 1 perturbations per step.
-        sampler: ``"ascent"`` (random start, then one normalized ascent step of length ``rho``: 2
-            closure calls per sample), ``"random"`` (the random start only: 1 call) or ``"hmc"``
-            (random start, then ``hmc_steps`` leapfrog steps: 1 + hmc_steps calls).
-        start: random start over all trainable parameters jointly: ``"gaussian"`` (noise_scale * xi
-            clipped to norm ``radius``), ``"sphere"`` (norm exactly ``radius``), ``"ball"`` (uniform in
-            the ball of radius ``radius``) or ``"none"``.
-        radius, noise_scale, rho: r, the Gaussian scale, the ascent step length.
-        radius_mode: ``"absolute"`` (default, the paper's code): ``radius`` is a length. ``"relative"``: a
-            fraction of ``||theta0||``, the L2 norm of all trainable parameters at the start of the step
-            (beyond the paper; a radius that follows the weights' scale, e.g. ``radius=0.01`` moves them
-            by 1%; one extra reduction per step, packed with the first start's).
-        adaptive: ASAM-style ascent, scaled element-wise by ``|theta|`` (``ascent`` only).
-        shared_ascent: (``ascent`` only; beyond the paper, docs/design.md §9) one gradient at theta0 itself
-            gives the normalised ascent step all samples share: ``theta_j = theta0 + rho g0/||g0|| + eps_j``,
-            s + 1 evaluations per step instead of 2s (the first, role ``"origin"``, unperturbed). Its loss
-            and gradient norm, plain ERM's, are kept as ``last_origin_loss`` / ``last_grad_norm``. Costs one
-            more parameter-sized buffer (the ascended point).
-        backward_samples: K (beyond the paper, docs/design.md §9; ``random`` sampler, or ``ascent`` with
-            ``shared_ascent``): score the s samples with forward passes only (role ``"score"``, run under
-            ``torch.no_grad()``), then backpropagate K of them drawn from softmax(t L) with replacement, each
-            weighted 1/K: the expected gradient is the tilted gradient. About s forwards + K (+1 with
-            ``shared_ascent``) forward/backward passes per step, and one host read (the weights). The
-            closure must take a ``backward`` argument: ``def closure(backward=True): loss = ...; if
-            backward: loss.backward(); return loss``; in the closure-free loop, ``ev.backward`` says it.
-        backward_select: ``"sample"`` (default: the unbiased draw above) or ``"top"`` (the K samples of
-            largest weight, weighted by their renormalised weights: deterministic, biased towards the worst
-            samples as a larger tilt would be; with K = s it is the exact tilted gradient).
-        tilt_every: k (beyond the paper, in the spirit of LookSAM): the full step every k-th step, with one
-            more evaluation at theta0 (role ``"origin"``, unless ``shared_ascent`` already has it) whose
-            gradient g0 splits the tilted gradient G: the part orthogonal to g0, v, is cached (one more
-            parameter-sized buffer). The k - 1 steps between evaluate theta0 once and step with
-            ``g + (||g|| / ||g0||) v``. k = 1 (default) is the full algorithm every step. The cache is not in
-            the state_dict: after a load (or a failed full step) the next step is a full one.
-        max_grad_norm: clip each sample's gradient to this global norm before it is accumulated.
-        delta: the weights use ``softmax((t - delta) * L)`` (the paper's correction when the sampler
-            is already tilted by delta); the reported tilted loss uses t.
-        hmc_steps, hmc_step_size, hmc_sigma: K leapfrog steps, step size alpha, momentum scale sigma.
-        seed: the noise seed; with the step counter it fixes every perturbation (saved in state_dict).
-        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"`` (see ``tsam_fast.backend_info()``), or a
-            ``tsam_fast.backends.Backend`` object (an implementation of the op contract of your own; the
-            benchmarks use it to time the plain reference ops).
-        check_finite: raise :class:`NonFiniteLossError` (and undo the step) when a loss or gradient is
-            NaN/inf. This reads one flag on the host at the end of each step and, unless
-            ``max_grad_norm`` already measures every sample's gradient, sums the final gradient once (one
-            read of it; ``hmc`` also sums its momentum once per sample); ``False`` makes the step free of host syncs, and non-finite values then propagate
-            as in any torch optimizer. With ``grad_scaler``, gradient overflow is the scaler's to handle
-            (the step is skipped, not raised); non-finite losses still raise.
-        grad_scaler: a ``torch.amp.GradScaler`` for fp16 mixed precision (see the README's recipe): the
-            closure backpropagates ``scaler.scale(loss)`` and returns the unscaled loss; ``step`` ends with
-            ``scaler.step(base_optimizer)`` (unscale once, skip the update if the tilted gradient has an
-            inf/NaN) and the caller runs ``scaler.update()`` after it. A sample whose gradient overflows
-            makes the step skip with the parameters restored; the ascent and leapfrog steps never move
-            the parameters along an overflowed gradient.
-        process_group: data parallelism (docs/design.md §6): each sample's loss is averaged over the ranks
-            of this group (one scalar all-reduce per sample, no host sync on NCCL) before it enters the
-            tilt, so every rank derives the same weights; the gradients are already averaged by DDP or
-            FSDP2 and every rank draws the same noise from the same seed. On an FSDP2 model every norm is
-            a sum of local shards' sums over the shard dimension, packed into the same all-reduce. ``"auto"`` (default) uses the default
-            group when ``torch.distributed`` is initialized with more than one rank; ``None`` never
-            all-reduces (e.g. independent models per rank).
-        shard_buffers: deprecated, no effect (FSDP2's local shards are worked on in place, one op over all).
+{options}
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ...).
 
     The closure evaluates the loss at the current (perturbed) parameters and calls ``backward()``;
-    ``step`` zeroes the gradients before each call itself. ``step`` returns the tilted loss estimate
-    ``(1/t) log mean_j exp(t L_j)`` (the mean at t = 0) as a 0-dim tensor; ``last_losses`` and
-    ``last_weights`` hold the last step's per-sample losses and weights (group 0's tilt), ``last_ess``
-    their effective sample size ``1 / sum(w**2)`` (1 to s) and ``last_loss_range`` the losses' max - min,
-    all device tensors (no host sync); :meth:`tilt_diagnostics` gathers them.
-    """
+    ``step`` zeroes the gradients before each call itself, and returns the tilted loss estimate
+    ``(1/t) log mean_j exp(t L_j)`` (the mean at t = 0) as a 0-dim tensor. ``last_losses``,
+    ``last_weights``, ``last_ess`` and ``last_loss_range`` describe the last step's tilt (device tensors, no
+    host sync; :meth:`tilt_diagnostics` gathers them).
+    """.replace("{options}", options.docstring())
 
     def __init__(self, params, base_optimizer, *, tilt: Union[float, Callable[[int], float]] = 1.0,
                  num_samples: int = 3, sampler: str = "ascent", start: str = "gaussian",
@@ -124,51 +60,31 @@ class TSAM(torch.optim.Optimizer):
                  backward_select: str = "sample", tilt_every: int = 1, max_grad_norm: Optional[float] = None,
                  delta: float = 0.0,
                  hmc_steps: int = 1, hmc_step_size: float = 0.01, hmc_sigma: float = 1.0,
-                 radius_mode: str = "absolute", seed: int = 0, backend: str = "auto", check_finite: bool = True,
-                 grad_scaler: Optional["torch.amp.GradScaler"] = None,
+                 radius_mode: str = "absolute", seed: int = 0, backend: Union[str, Backend] = "auto",
+                 check_finite: bool = True, grad_scaler: Optional["torch.amp.GradScaler"] = None,
                  process_group: Union[str, None, object] = "auto", shard_buffers: Optional[str] = None,
                  **base_kwargs):
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError("base_optimizer must be an optimizer class such as torch.optim.SGD "
                             f"(got {base_optimizer!r}); its options go in TSAM's keyword arguments")
-        self.config = StepConfig(num_samples=num_samples, sampler=sampler, start=start, noise_scale=noise_scale,
-                                 adaptive=adaptive, max_grad_norm=max_grad_norm, delta=delta, hmc_steps=hmc_steps,
-                                 hmc_step_size=hmc_step_size, hmc_sigma=hmc_sigma, check_finite=check_finite,
-                                 radius_mode=radius_mode, shared_ascent=shared_ascent,
-                                 backward_samples=backward_samples, backward_select=backward_select,
-                                 tilt_every=tilt_every)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"invalid seed={seed!r}: expected an integer")
-        self.seed = int(seed)
-        if not isinstance(backend, Backend):
-            check_choice("backend", backend, ("auto",) + BACKENDS)
-        self.backend = backend
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler (got {type(grad_scaler).__name__})")
-        self.grad_scaler = grad_scaler
-        self.process_group = process_group
+        given = {name: value for name, value in locals().items() if name in options.names()}
+        values = options.validate(given)  # every option checked (tsam_fast.options), then their rules
+        self.config = StepConfig(**{name: values[name] for name in _STEP_OPTIONS})
+        self.seed, self.backend = values["seed"], values["backend"]
+        self.grad_scaler, self.process_group = values["grad_scaler"], values["process_group"]
         if shard_buffers is not None:
-            check_choice("shard_buffers", shard_buffers, ("auto", "packed", "in_place"))
             warnings.warn("TSAM(shard_buffers=...) has no effect and will be removed: every layout now runs each "
                           "op once over the parameters' own storage (FSDP2's local shards included)",
                           DeprecationWarning, stacklevel=2)
         for key, value in base_kwargs.items():  # e.g. lr=nan passes torch's `lr < 0` checks
-            values = value if isinstance(value, (tuple, list)) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            values_ = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values_):
                 raise ValueError(f"invalid {key}={value!r} for the base optimizer: expected finite numbers")
-        defaults = dict(tilt=check_tilt(tilt), rho=check_number("rho", rho),
-                        radius=check_number("radius", radius), **base_kwargs)
+        defaults = dict({key: values[key] for key in GROUP_KEYS}, **base_kwargs)
         self._layout: Optional[FlatLayout] = None
         self._backends: Dict[Tuple[torch.device, torch.dtype], object] = {}
         self._step_count = 0
-        self._attempts = 0  # runs begun (finished or not) since construction or load_state_dict: the tags
-        self._tags_seen = False  # the first tagged all-reduce is checked at once (tsam_fast.engine)
-        self._broken: Optional[str] = None  # several ranks: why a step failed here; no further step until a load
-        self._step_start_state: list = []  # context managers that put other state (batch-norm statistics)
-        # back as the step began, for unperturbed() (tsam_fast.batchnorm)
-        self._run = None  # weak reference to the step in progress (tsam_fast.engine.live_run)
-        self._correction = None  # tilt_every > 1: ||g0||^2 of the cached correction (tsam_fast.engine)
-        self._constants: Dict = {}  # (device, dtype) -> constant step scalars (tsam_fast.engine.StepRun)
+        self._session = Session()  # the engine's state between steps (tsam_fast.engine.session)
         self.last_losses: Optional[torch.Tensor] = None
         self.last_weights: Optional[torch.Tensor] = None
         self.last_ess: Optional[torch.Tensor] = None
@@ -184,13 +100,6 @@ class TSAM(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 self._check_new_parameter(p, gi, pi)
-
-    def __getattr__(self, name: str):
-        """The step options (``num_samples``, ``sampler``, ``start``, ...) read from the immutable config."""
-        config = self.__dict__.get("config")
-        if config is not None and name in _CONFIG_FIELDS:
-            return getattr(config, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _check_new_parameter(self, p: torch.Tensor, gi: int, pi: int) -> None:
         if check_parameter(p, gi, pi) is not None:  # an FSDP2 shard (docs/design.md §6)
@@ -218,8 +127,7 @@ class TSAM(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         for key in GROUP_KEYS:
             if key in param_group:
-                param_group[key] = check_tilt(param_group[key]) if key == "tilt" else \
-                    check_number(key, param_group[key])
+                param_group[key] = options.option(key).check(key, param_group[key])
         if not hasattr(self, "base_optimizer"):  # called by Optimizer.__init__
             super().add_param_group(param_group)
             return
@@ -251,86 +159,25 @@ class TSAM(torch.optim.Optimizer):
         block.) It holds one copy of the perturbed parameters meanwhile. With a batch-norm policy installed
         (``tsam_fast.batchnorm``) the layers' running statistics are put back as the step began, too;
         other buffers a step's forwards change are the model's business."""
-        run = live_run(self)
+        run = self._session.live_run()
         return run.at_theta0() if run is not None else contextlib.nullcontext()
 
-    def state_dict(self) -> dict:
-        """The base optimizer's state_dict plus ``"tsam"``: the step counter and seed.
+    @property
+    def step_in_progress(self) -> Optional[StepRun]:
+        """The step in progress (begun, not finished or abandoned), or None."""
+        return self._session.live_run()
 
-        Callable tilts (schedules) are code, not state: they are saved as None and the optimizer's
-        own schedule is kept on load. Taken during a step, it is the state as of theta0 (a step changes
-        the state only when it finishes), like a plain optimizer's before its ``step()``; the model's
-        parameters are perturbed then: save the model inside ``with opt.unperturbed():``.
-        """
-        sd = self.base_optimizer.state_dict()
-        for group in sd["param_groups"]:
-            if callable(group.get("tilt")):
-                group["tilt"] = None
-        sd["tsam"] = {"step": self._step_count, "seed": self.seed}
-        # also in every group: torch.distributed.checkpoint keeps only "state" and "param_groups"
-        for group in sd["param_groups"]:
-            group.update(tsam_step=self._step_count, tsam_seed=self.seed)
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        sd = dict(state_dict)
-        groups = [dict(g) for g in sd.get("param_groups", ())]
-        in_groups = [{"step": g.pop("tsam_step"), "seed": g.pop("tsam_seed")} for g in groups
-                     if "tsam_step" in g and "tsam_seed" in g]
-        sd["param_groups"] = groups
-        tsam = sd.pop("tsam", None) or (in_groups[0] if in_groups else None)
-        if tsam is None:
-            raise ValueError("not a TSAM state_dict (no 'tsam' entry); for a plain base-optimizer "
-                             "state_dict use opt.base_optimizer.load_state_dict(...)")
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, entry in sd.get("state", {}).items():
-            if not isinstance(index, int) or index >= len(params):
-                continue  # the base optimizer reports group/parameter count mismatches itself
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
-                    raise ValueError(
-                        f"this state_dict does not fit the optimizer's parameters: parameter {index} has shape "
-                        f"{tuple(params[index].shape)} but its saved {key!r} has shape {tuple(value.shape)}; "
-                        "load it into an optimizer built on the same model")
-        tilts = [g["tilt"] for g in self.param_groups]
-        self.base_optimizer.load_state_dict(sd)
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        for group, tilt in zip(self.param_groups, tilts):
-            if group.get("tilt") is None:
-                group["tilt"] = tilt
-        self._step_count = int(tsam["step"])
-        self.seed = int(tsam["seed"])
-        self._attempts = 0  # every rank resumes from here: their runs are numbered alike again
-        self._broken = None
-        self._invalidate_layout()
-
-    def __getstate__(self) -> dict:
-        """Pickling and ``copy.deepcopy``: everything but the flat layout, the backend handles and a step in
-        progress, which are rebuilt on the next step (a deep copy owns copies of the parameters, so it
-        repacks those)."""
-        state = dict(self.__dict__)
-        state["_layout"] = None
-        state["_backends"] = {}
-        state["_run"] = None
-        state["_constants"] = {}
-        state["_correction"] = None
-        state["_step_start_state"] = []  # hooks of the original model's layers
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.__dict__.setdefault("_run", None)
-        self.__dict__.setdefault("_attempts", 0)
-        self.__dict__.setdefault("_tags_seen", False)
-        self.__dict__.setdefault("_broken", None)
-        self.__dict__.setdefault("_step_start_state", [])
-        self.__dict__.setdefault("_constants", {})
-        self.__dict__.setdefault("_correction", None)
+    def register_step_start_state(self, at_step_start: Callable) -> Callable[[], None]:
+        """Register ``at_step_start()``, a context manager that puts some other state (e.g. batch-norm
+        running statistics) back as the step in progress began, for :meth:`unperturbed`. Returns a function
+        that unregisters it."""
+        hooks = self._session.start_state
+        hooks.append(at_step_start)
+        return lambda: at_step_start in hooks and hooks.remove(at_step_start)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``; inside an evaluation of a step it zeroes the flat views and keeps them attached."""
-        run = live_run(self)
+        run = self._session.live_run()
         if run is not None and run.evaluation is not None:
             self._layout.zero_grads_in_step()
             return
@@ -340,7 +187,7 @@ class TSAM(torch.optim.Optimizer):
     def closure_index(self) -> Optional[int]:
         """0-based index of the evaluation in progress during a step (closure call or closure-free loop);
         None outside one."""
-        run = live_run(self)
+        run = self._session.live_run()
         ev = run.evaluation if run is not None else None
         return ev.index if ev is not None else None
 
@@ -350,7 +197,7 @@ class TSAM(torch.optim.Optimizer):
         return sum(ev.backward for ev in self._next_plan())
 
     def _next_plan(self):
-        return self.config.plan_at(self._step_count, self._correction is not None)
+        return self.config.plan_at(self._step_count, self._session.correction is not None)
 
     @property
     def evaluations_per_step(self) -> int:
@@ -407,7 +254,7 @@ class TSAM(torch.optim.Optimizer):
         return backend
 
     def _invalidate_layout(self) -> None:
-        self._correction = None  # its cache lived in the layout's buckets
+        self._session.layout_dropped()
         if self._layout is not None:
             self._layout.remove_hooks()
             self._layout = None
@@ -434,6 +281,27 @@ class TSAM(torch.optim.Optimizer):
             return check_number("tilt (from the schedule)", t(self._step_count))
         return check_number("tilt", t)  # param_groups may have been edited since construction
 
+    def _inputs(self, layout: FlatLayout, by_closure: bool) -> StepInputs:
+        """What the step about to begin reads: this optimizer's values as of now."""
+        groups = self.param_groups
+        for i, group in enumerate(groups):  # values a scheduler or user may have written since
+            for key in ("rho", "radius"):
+                check_number(f"param_groups[{i}] {key}", group[key])
+        return StepInputs(layout=layout, config=self.config, session=self._session, step=self._step_count,
+                          seed=self.seed, tilts=[self._tilt_at(g) for g in groups], rhos=[g["rho"] for g in groups],
+                          radii=[g["radius"] for g in groups], backend_for=self._backend_for,
+                          base_optimizer=self.base_optimizer, on_finish=self._finished, grad_scaler=self.grad_scaler,
+                          process_group=self.process_group, by_closure=by_closure)
+
+    def _finished(self, result: StepResult) -> None:
+        """A step finished (the base optimizer stepped): count it and keep its diagnostics."""
+        self._step_count += 1
+        self.last_losses, self.last_weights = result.losses, result.weights
+        self.last_ess, self.last_loss_range = result.ess, result.loss_range
+        if result.origin_loss is not None:
+            self.last_origin_loss, self.last_grad_norm = result.origin_loss, result.grad_norm
+        self._opt_called = True  # what torch's LR schedulers check for "optimizer.step() was called"
+
     def begin_step(self) -> StepRun:
         """Start a step driven by your own loop (no closure): the parameters move to the first evaluation
         point and the returned run hands out the step's evaluations::
@@ -449,9 +317,12 @@ class TSAM(torch.optim.Optimizer):
         (micro-batches). Leaving the loop early (break, exception) or dropping the run abandons the step:
         parameters back at theta0 exactly, no gradients, optimizer state unchanged.
         """
-        running = live_run(self)
+        return self._begin(by_closure=False)
+
+    def _begin(self, by_closure: bool) -> StepRun:
+        running = self._session.live_run()
         if running is not None:  # misuse: the step in progress is abandoned (theta0 back), none is started
-            running._fail()
+            running.fail()
             if running.by_closure:
                 raise RuntimeError("TSAM.step was called from inside its own closure (or begin_step() during a "
                                    "step(closure)); a step cannot start inside a step (the step in progress was "
@@ -459,9 +330,9 @@ class TSAM(torch.optim.Optimizer):
             raise RuntimeError("a TSAM step is already in progress: begin_step() (or step()) was called before the "
                                "previous run finished (it was abandoned: parameters restored to theta0, state "
                                "unchanged); finish a run with run.finish(), or run.abandon() it, before the next")
-        if self._broken is not None:
+        if self._session.broken is not None:
             raise RuntimeError(
-                f"TSAM will not start a step on this rank: {self._broken}, while the other ranks may have gone "
+                f"TSAM will not start a step on this rank: {self._session.broken}, while the other ranks may have gone "
                 "on with that step's collectives, which a later step of this rank would pair wrongly (the ranks' "
                 "parameters would drift apart silently). Parameters are at theta0 of that step. Stop this rank "
                 "(the others then fail in their pending collective, at the latest at the process group's "
@@ -472,20 +343,7 @@ class TSAM(torch.optim.Optimizer):
                 raise ValueError("TSAM has no trainable parameters: its param groups are empty; pass the model's "
                                  "parameters (e.g. model.parameters()) when constructing it")
             raise ValueError("TSAM has no trainable parameters (all have requires_grad=False)")
-        run = StepRun(self, layout, self.config)
-        register_run(self, run)
-        return run
-
-    def _initializing_state(self) -> bool:
-        """``step()`` without a closure is an error, except the call torch.distributed.checkpoint makes to
-        create the base optimizer's state before loading into it: no step in progress, every learning rate
-        0 and every trainable parameter's gradient present and zero. That call steps the base optimizer
-        alone (which moves nothing) and is not a TSAM step (the step counter does not advance)."""
-        if live_run(self) is not None or any(float(g.get("lr", 0.0)) != 0.0 for g in self.param_groups):
-            return False
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.requires_grad]
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads if g is not None]
-        return bool(grads) and len(local) == len(grads) and not any(bool(g.any()) for g in local)
+        return StepRun(self._inputs(layout, by_closure))
 
     @torch.no_grad()
     def step(self, closure=None) -> torch.Tensor:
@@ -504,8 +362,7 @@ class TSAM(torch.optim.Optimizer):
                             "`backward` argument and skip loss.backward() when it is False, e.g. "
                             "def closure(backward=True): loss = criterion(model(x), y); backward and "
                             "loss.backward(); return loss")
-        run = self.begin_step()
-        run.by_closure = True
+        run = self._begin(by_closure=True)
         try:
             for ev in run:
                 if not ev.backward:
@@ -516,8 +373,17 @@ class TSAM(torch.optim.Optimizer):
                 run.record(loss)
             return run.finish()
         except BaseException:
-            run._fail()
+            run.fail()
             raise
+
+
+def _step_option(name: str) -> property:
+    return property(lambda self: getattr(self.config, name),
+                    doc=f"The ``{name}`` option, as validated (read-only: the step options are fixed at construction).")
+
+
+for _name in _STEP_OPTIONS:  # opt.num_samples, opt.sampler, ...: the table's step options
+    setattr(TSAM, _name, _step_option(_name))
 
 
 def _takes_backward(closure) -> bool:

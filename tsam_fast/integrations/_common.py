@@ -57,9 +57,9 @@ class TrainerTSAM(TSAM):
     def finish_on_step(self, run: StepRun) -> None:
         """Make the next :meth:`step` finish ``run``, a step of this optimizer whose evaluations are all
         recorded."""
-        if run.opt is not self or run.state != "evaluated":
-            got = "a step of another optimizer" if run.opt is not self else f"a step that was {run.state}"
-            run._fail()
+        if run.session is not self._session or run.state != "evaluated":
+            got = "a step of another optimizer" if run.session is not self._session else f"a step that was {run.state}"
+            run.fail()
             raise RuntimeError(f"finish_on_step takes a fully recorded step of this optimizer (got {got}); it was "
                                "abandoned: parameters restored to theta0")
         self._waiting = run

@@ -61,7 +61,6 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..engine import live_run
 from ..optimizer import TSAM
 from ._common import TrainerTSAM, evaluate_step, require, split_batch, tsam_of, use_scaler, weighted_loss
 
@@ -129,7 +128,7 @@ class TSAMLightningModule(L.LightningModule):
         not the perturbed point, and the batch-norm statistics from before the step's forwards -- so a run
         resumed from it redoes the step exactly. Outside a step Lightning's own state dict stands."""
         super().on_save_checkpoint(checkpoint)
-        stepping = [opt for opt in self.trainer.optimizers if isinstance(opt, TSAM) and live_run(opt) is not None]
+        stepping = [opt for opt in self.trainer.optimizers if isinstance(opt, TSAM) and opt.step_in_progress is not None]
         if not stepping:
             return
         with contextlib.ExitStack() as stack:

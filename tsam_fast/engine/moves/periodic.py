@@ -1,0 +1,45 @@
+"""The periodic tilt, ``tilt_every = k`` (docs/design.md §9): the full step every k-th step caches the
+tilted gradient's part orthogonal to the plain gradient; the steps between evaluate theta0 once and add it.
+
+A full step keeps g0 (in the bucket's ``cache``) and ||g0||^2 at its origin evaluation; when its
+evaluations are done, ``cache_correction`` turns the cache into v = G - (G.g0 / ||g0||^2) g0, valid for
+the next steps once the step finishes (``Session.correction``). A step between: g <- g + (||g|| / ||g0||) v.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["keep_g0", "cache_correction", "after_between"]
+
+
+def keep_g0(step, g0_sqnorm: torch.Tensor) -> None:
+    step.g0_sqnorm = g0_sqnorm
+    for s in step.slots:
+        s.bucket.cache.copy_(s.bucket.grad)
+
+
+def cache_correction(step) -> None:
+    """At the end of a full step's evaluations: v and ||g0||^2 (cached once the step finishes)."""
+    dots = [_dot(s.bucket.grad, s.bucket.cache) for s in step.slots]
+    alpha = step.reduce({"dot": dots})[1]["dot"] / step.g0_sqnorm.clamp_min(1e-30)
+    for s in step.slots:
+        s.bucket.cache.mul_(-step.on(alpha, s.bucket)).add_(s.bucket.grad)
+    step.correction = step.g0_sqnorm
+
+
+def after_between(step, ev, loss: torch.Tensor) -> None:
+    """A step between full ones: g <- g + (||g|| / ||g0||) v, with v and g0 of the last full step."""
+    loss, totals = step.reduce({"grad": step.grad_parts()}, loss)
+    step.losses.append(loss)
+    scale = (totals["grad"] / step.session.correction.clamp_min(1e-30)).sqrt()
+    for s in step.slots:
+        s.bucket.grad.addcmul_(s.bucket.cache, step.on(scale, s.bucket))
+    step.guard.after_samples(clipped=False)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) with an fp32 (float64) accumulator."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.dot(a, b)
+    return torch.dot(a.float(), b.float())

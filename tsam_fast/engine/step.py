@@ -1,0 +1,159 @@
+"""The step's working set and its random starts (docs/design.md §8.7).
+
+``Step`` is what the moves (``tsam_fast.engine.moves``) read and write during one step: the buckets with
+the backends that run them, the per-group scalars, the guard, the collectives, the tilt, the sample losses
+and where each sample's start is. Its scalars stay on the step's device as 0-dim tensors. The random starts
+-- the noise's norm, the start's coefficient per group, the move to a start -- are here too: every variant
+begins its samples with them.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from .. import rng
+from .collectives import Collectives, loss_group
+from .guard import Guard
+from .session import StepInputs
+from .tilt import TiltState
+
+__all__ = ["Slot", "Step"]
+
+
+class Slot(NamedTuple):
+    """A bucket with the backend that runs it and the index of its per-group scalars."""
+
+    bucket: object
+    backend: object
+    group: int
+
+
+class Step:
+    def __init__(self, inputs: StepInputs, describe):
+        cfg = self.config = inputs.config
+        self.layout = inputs.layout
+        self.buckets = self.layout.buckets
+        self.device = self.buckets[0].device  # where the step's scalars live
+        # their dtype: fp32, or float64 when a bucket is float64 (its step keeps float64 precision)
+        self.dtype = torch.float64 if any(b.dtype == torch.float64 for b in self.buckets) else torch.float32
+        self.k, self.seed = inputs.step, inputs.seed
+        self.tilts, self.rhos, self.radii = inputs.tilts, inputs.rhos, inputs.radii
+        self.taus = [t - cfg.delta for t in self.tilts]
+        self.slots = [Slot(b, inputs.backend_for(b.device, b.dtype), b.group_index) for b in self.buckets]
+        self.group0 = self.buckets[0].group_index
+        self.pg, self.world = loss_group(inputs.process_group)
+        session = self.session = inputs.session
+        # which step and evaluation each all-reduce of the losses belongs to (docs/design.md §6.1): this
+        # run's number among the runs begun since construction or load_state_dict
+        self.attempt = session.attempts
+        session.attempts += 1
+        # constant step scalars (1, 0, HMC sizes), kept across steps: never written to
+        self.constants: Dict = session.constants.setdefault((self.device, self.dtype), {})
+        self.guard = Guard(self.layout, self.device, self.dtype, cfg.check_finite, inputs.grad_scaler, self.pg)
+        self.comms = Collectives(self.slots, self.device, self.dtype, self.pg, self.world, self.layout.shard_group,
+                                 self.guard, cfg, self.seed, self.attempt, session, self.constants, describe)
+        self.tilt = TiltState(self.taus)
+        self.losses: List[torch.Tensor] = []
+        self.position = -1  # the evaluation whose move is being made (its tag)
+        self.theta_norm: Optional[torch.Tensor] = None  # ||theta0|| for radius_mode="relative"
+        self.origin_loss: Optional[torch.Tensor] = None  # L(theta0) and ||g0||, when the plan evaluates theta0
+        self.grad_norm: Optional[torch.Tensor] = None
+        # the periodic tilt: a step between full ones evaluates theta0 once and adds the cached correction
+        self.between = cfg.tilt_every > 1 and session.correction is not None and self.k % cfg.tilt_every != 0
+        if cfg.tilt_every > 1 and not self.between:
+            session.correction = None  # this full step rewrites the cache; valid again once it finishes
+        self.g0_sqnorm: Optional[torch.Tensor] = None  # tilt_every: ||g0||^2 of this full step
+        self.correction: Optional[torch.Tensor] = None  # ... and the cache's, once its evaluations are done
+        self.plan = list(cfg.plan_at(self.k, self.between))  # a tilt-sampled backward fills in its draws
+        self.starts: Dict[int, Tuple[Optional[int], List[torch.Tensor]]] = {}  # j -> (seed, coefs) of its start
+
+    # -- scalars ----------------------------------------------------------------------------------
+
+    def scalar(self, x: float) -> torch.Tensor:
+        t = self.constants.get(x)
+        if t is None:
+            t = self.constants[x] = torch.full((), x, dtype=self.dtype, device=self.device)
+        return t
+
+    def on(self, value: torch.Tensor, bucket) -> torch.Tensor:
+        """A step scalar on a bucket's device, in its scalar dtype (fp32 unless the bucket is float64); a
+        no-op in the usual case of one device and dtype."""
+        dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+        if bucket.device == self.device and dtype == self.dtype:
+            return value
+        return value.to(bucket.device, dtype, non_blocking=bucket.device.type != "cpu")
+
+    def per_group(self, values: List[torch.Tensor], slot: Slot) -> torch.Tensor:
+        return self.on(values[slot.group], slot.bucket)
+
+    # -- reductions -------------------------------------------------------------------------------
+
+    def reduce(self, named: Dict[str, List[torch.Tensor]], loss: Optional[torch.Tensor] = None):
+        """(loss averaged over the ranks, {name: global sum}): ``Collectives.reduce`` at this evaluation."""
+        return self.comms.reduce(named, loss, self.position)
+
+    def grad_parts(self, adaptive: bool = False) -> List[torch.Tensor]:
+        return [s.backend.grad_sqnorm(s.bucket, adaptive) for s in self.slots]
+
+    def grad_sqnorm(self, adaptive: bool = False) -> torch.Tensor:
+        return self.reduce({"grad": self.grad_parts(adaptive)})[1]["grad"]
+
+    # -- the random starts (docs/design.md §3) ------------------------------------------------------
+
+    def noise(self, j: int):
+        """Seed and per-slot partial ``sum(xi**2)`` of sample j's random start (None, None for no start)."""
+        if self.config.start == "none":
+            return None, None
+        seed = rng.stream_seed(self.seed, self.k, j, rng.STREAM_START)
+        return seed, [s.backend.noise_sqnorm(s.bucket, seed) for s in self.slots]
+
+    def coefs(self, j: int, sqnorm: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """Per-group coefficient c of sample j's random start theta0 + c * xi, from the global ||xi||^2."""
+        cfg = self.config
+        if sqnorm is None:
+            return [self.scalar(0.0)] * len(self.radii)
+        inv_norm = sqnorm.sqrt().clamp_min(1e-30).reciprocal()
+        if self.theta_norm is not None:  # radius_mode="relative": r ||theta0|| (docs/design.md §3)
+            inv_norm = inv_norm * self.theta_norm
+        if cfg.start == "ball":  # radius r * u^(1/d), u ~ U(0, 1) drawn on the host from its own stream
+            u = rng.host_uniform(rng.stream_seed(self.seed, self.k, j, rng.STREAM_RADIUS))
+            shrink = rng.log_uniform_radius(u, self.layout.trainable_numel)
+        coefs: Dict[float, torch.Tensor] = {}
+        out = []
+        for r in self.radii:
+            if r not in coefs:
+                if cfg.start == "gaussian":  # noise_scale * xi, clipped to norm r
+                    coefs[r] = torch.clamp_max(inv_norm * r, cfg.noise_scale)
+                elif cfg.start == "sphere":
+                    coefs[r] = inv_norm * r
+                else:
+                    coefs[r] = inv_norm * (r * shrink)
+            out.append(coefs[r])
+        return out
+
+    def move_to(self, j: int, seed: Optional[int], coefs: List[torch.Tensor]) -> None:
+        """theta <- sample j's start (around theta0, or the anchor with ``shared_ascent``); remembered, so a
+        tilt-sampled backward can come back to it."""
+        self.starts[j] = (seed, coefs)
+        for s in self.slots:
+            s.backend.perturb(s.bucket, seed, self.per_group(coefs, s), base=s.bucket.anchor)
+
+    def first_start(self) -> None:
+        """theta0 saved, and the parameters moved to the first evaluation's point: sample 0's start, or
+        theta0 itself when the plan begins at the origin (a move with no noise)."""
+        self.layout.reshard()  # FSDP2: no module computes with stale unsharded copies
+        for b in self.buckets:
+            b.pull()
+        seed, parts = self.noise(0) if self.plan[0].role != "origin" else (None, None)
+        sqnorm = None
+        if parts is not None and self.config.radius_mode == "relative":  # one collective for both
+            got = self.reduce({"noise": parts, "theta": [s.backend.param_sqnorm(s.bucket) for s in self.slots]})[1]
+            sqnorm, self.theta_norm = got["noise"], got["theta"].sqrt()
+        elif parts is not None:
+            sqnorm = self.reduce({"noise": parts})[1]["noise"]
+        coefs = self.coefs(0, sqnorm)
+        self.starts[0] = (seed, coefs)
+        for s in self.slots:
+            s.backend.perturb(s.bucket, seed, self.per_group(coefs, s), save_backup=True)
