@@ -5,7 +5,8 @@ Parameters keep their own storage. TSAM never re-points ``p.data``: the ops take
 as a list of tensors, each parameter's storage seen flat (``storage_view``), and write them in place, one
 dispatch per op over the whole list. What the optimizer owns lives in flat buffers of the bucket's length:
 theta0 (``backup``), the tilt accumulator, HMC's momentum, ``shared_ascent``'s anchor, ``tilt_every``'s
-cache, and the gradient.
+cache, and the gradient. ``FlatLayout`` (here) builds the buckets (``bucket.Bucket``: one bucket's list
+and buffers) and keeps their gradients; FSDP2 parameters are recognised and checked in ``sharding``.
 
 What the layout guarantees:
 
@@ -35,9 +36,12 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from .bucket import Bucket, _storage_strides, storage_view
+from .sharding import Sharding, _fsdp_modules_of, check_parameter
 
 
 class _GradHook:
@@ -63,208 +67,6 @@ class _GradHook:
                 f"{grad.layout} gradient); use dense gradients, e.g. nn.Embedding(..., sparse=False)")
         layout.touched[self.index] = True
         return None
-
-
-def _dtensor_type():
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - older layouts of torch.distributed
-        return None
-    return DTensor
-
-
-class Sharding(NamedTuple):
-    """Where a sharded parameter's local shard sits (FSDP2's ``Shard(0)`` over one mesh dimension).
-
-    ``group``: the process group of the shard dimension (global norms are sums over it); ``row_start``:
-    the first row of the unsharded parameter this rank holds; ``local``: the local shard, FSDP's own
-    storage (perturbed and restored in place, never re-pointed)."""
-
-    mesh: object
-    placements: tuple
-    group: object
-    row_start: int
-    local: torch.Tensor
-
-
-_SHARDING_HELP = ("TSAM supports FSDP2 (torch.distributed.fsdp.fully_shard) on a 1-D mesh, and HSDP (a 2-D "
-                  "replicate x shard mesh); shard the model with fully_shard")
-
-
-def sharding_of(p: torch.Tensor, name: str) -> Optional[Sharding]:
-    """None for a plain tensor; the shard layout of an FSDP2/HSDP parameter; raises for any other sharding
-    (tensor parallelism, strided shards, FSDP1 flat parameters), which would make the step's norms and noise
-    per-shard and silently wrong (docs/design.md §6)."""
-    if getattr(p, "_fsdp_flattened", False) or type(p).__name__ == "FlatParameter":
-        raise NotImplementedError(
-            f"{name} is a flattened FSDP1 (FullyShardedDataParallel) parameter: each rank holds a slice of a "
-            f"flat buffer TSAM cannot map back to parameters. {_SHARDING_HELP} instead (or use "
-            "DistributedDataParallel)")
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(p, dtensor):
-        return None
-    from torch.distributed.tensor import Replicate, Shard
-    mesh, placements = p.device_mesh, tuple(p.placements)
-    kinds = tuple("shard0" if type(pl) is Shard and pl.dim == 0 else
-                  "replicate" if isinstance(pl, Replicate) else repr(pl) for pl in placements)
-    if kinds not in (("shard0",), ("replicate", "shard0")):
-        raise NotImplementedError(
-            f"{name} is a DTensor with placements {placements} on a {mesh.ndim}-D mesh: tensor-parallel, "
-            f"strided or partial placements are not supported. {_SHARDING_HELP}, which gives (Shard(dim=0),) "
-            "or (Replicate(), Shard(dim=0))")
-    dim = len(placements) - 1
-    local = p.to_local()
-    rows, world, rank = p.shape[0], mesh.size(dim), mesh.get_local_rank(dim)
-    chunk = -(-rows // world)  # torch.chunk's split, which FSDP2 uses: ceil(rows / world) rows each
-    start = min(rank * chunk, rows)
-    if local.shape[0] != min(start + chunk, rows) - start or not local.is_contiguous():
-        raise NotImplementedError(
-            f"{name}: its local shard ({tuple(local.shape)}, contiguous={local.is_contiguous()}) is not the "
-            f"contiguous row block [{start}, {start + chunk}) of {tuple(p.shape)} that fully_shard makes on "
-            f"rank {rank} of {world}. {_SHARDING_HELP}")
-    return Sharding(mesh, placements, mesh.get_group(dim), start, local)
-
-
-def check_parameter(p: torch.Tensor, gi: int, pi: int) -> Optional[Sharding]:
-    """Raise for parameters TSAM cannot optimise correctly (called at construction and when packing);
-    returns the parameter's sharding (None when it is not sharded)."""
-    if p.is_complex():
-        raise ValueError(
-            f"TSAM does not support complex parameters (group {gi}, parameter {pi}, {p.dtype}); "
-            "optimize torch.view_as_real(p) through a real parameter instead")
-    if p.requires_grad and not p.is_floating_point():
-        raise ValueError(f"parameter {pi} of group {gi} has dtype {p.dtype}; TSAM needs floating point")
-    # frozen parameters are never touched, whatever their sharding
-    return sharding_of(p, f"parameter {pi} of group {gi}") if p.requires_grad else None
-
-
-def _fsdp_modules_of(params) -> list:
-    """The FSDP2 modules (``FSDPModule``) managing any of ``params``, found through FSDP2's registry of
-    module states (``torch.distributed._composable_state``: the modules cannot be reached from a sharded
-    parameter). Raises if torch's internals differ from what this expects, rather than train on stale
-    unsharded copies."""
-    try:
-        from torch.distributed._composable_state import _module_state_mapping
-        from torch.distributed.fsdp import FSDPModule
-        ids = {id(p) for p in params}
-        found = []
-        for module in list(_module_state_mapping.keys()):
-            if isinstance(module, FSDPModule):
-                groups = module._get_fsdp_state()._fsdp_param_groups
-                if any(id(fp.sharded_param) in ids for g in groups for fp in g.fsdp_params):
-                    found.append(module)
-        return found
-    except (ImportError, AttributeError) as exc:  # pragma: no cover - another torch layout
-        raise NotImplementedError(
-            f"TSAM could not find the FSDP2 modules of its sharded parameters in this torch "
-            f"({torch.__version__}: {exc}); it needs them to reshard the root module before a step") from exc
-
-
-class Bucket:
-    """One (param group, device, dtype) bucket: its parameters as the ops' list, and the flat buffers.
-
-    ``theta``: what the ops write, one 1-D tensor per parameter (its storage seen flat; a staging copy for
-    a parameter that is not dense, copied in by :meth:`pull` at a step's start and out by :meth:`publish`
-    after every move). ``runs``: one ``(flat offset, global offset, length)`` triple per parameter, the
-    ops' runs; ``noise_runs``: the same elements merged into maximal runs (what the norms of the noise
-    are summed over, so a norm does not depend on where the parameters' boundaries fall)."""
-
-    def __init__(self, group_index: int, device: torch.device, dtype: torch.dtype,
-                 shard_group: Optional[object] = None):
-        self.group_index = group_index
-        self.device = device
-        self.dtype = dtype
-        #: the process group of the shard dimension (sums over the bucket are partial), or None
-        self.shard_group = shard_group
-        self.params: List[torch.Tensor] = []
-        self.indices: List[int] = []  # positions of self.params in FlatLayout.params
-        self.theta: List[torch.Tensor] = []
-        self.grad_views: List[torch.Tensor] = []
-        self.keys: List[tuple] = []  # what each parameter's storage was when the layout was built
-        self.staged: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, our contiguous copy)
-        self.runs: Tuple[Tuple[int, int, int], ...] = ()
-        self.noise_runs: Tuple[Tuple[int, int, int], ...] = ()
-        self.sizes: List[int] = []
-        self.numel = 0
-        self.grad: torch.Tensor = torch.empty(0)
-        self.grads: List[torch.Tensor] = []  # [grad]: the flat gradient as the ops' one-tensor list
-        self.backup: Optional[torch.Tensor] = None
-        self.backup_parts: List[torch.Tensor] = []  # theta0 split like theta
-        self.acc: Optional[torch.Tensor] = None
-        self.momentum: Optional[torch.Tensor] = None
-        self.anchor: Optional[torch.Tensor] = None
-        self.cache: Optional[torch.Tensor] = None
-
-    @property
-    def sharded(self) -> bool:
-        return self.shard_group is not None
-
-    def pull(self) -> None:
-        """Parameters that are not dense: their values (moved by the base optimizer) into our copies."""
-        for p, stage in self.staged:
-            stage.copy_(p.detach())
-
-    def publish(self, quiet: bool = False) -> None:
-        """Parameters that are not dense: our copies' moved values back into them (``quiet``: see
-        :meth:`scatter`)."""
-        for p, stage in self.staged:
-            (p.data if quiet else p.detach()).copy_(stage)
-
-    def restore(self) -> None:
-        """theta <- theta0, exactly: the end of an abandoned step."""
-        torch._foreach_copy_(self.theta, self.backup_parts)
-        self.publish()
-
-    def scatter(self, parts: List[torch.Tensor], quiet: bool = False) -> None:
-        """theta <- ``parts`` (one tensor per parameter). ``quiet``: through ``.data``, which leaves the
-        parameters' autograd version counters alone -- for a write that is undone, bit for bit, before the
-        backward of a forward already taken reads the parameters (``StepRun.at_theta0``)."""
-        torch._foreach_copy_([t.data for t in self.theta] if quiet else self.theta, parts)
-        self.publish(quiet)
-
-    def gather(self, out: torch.Tensor) -> None:
-        """``out`` (a flat buffer of ours) <- the parameters' current values."""
-        torch._foreach_copy_(list(out.split(self.sizes)), self.theta)
-
-    def ensure_state(self, need_momentum: bool, need_anchor: bool = False, need_cache: bool = False) -> None:
-        """Allocate theta0 (parameter dtype), A and, for HMC, v (fp32; float64 for a float64 bucket), and for
-        ``shared_ascent`` the ascended point the starts are drawn around (parameter dtype): the only extra
-        memory besides the gradient."""
-        wide = torch.float64 if self.dtype == torch.float64 else torch.float32
-        if self.backup is None:
-            self.backup = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-            self.backup_parts = list(self.backup.split(self.sizes))
-            self.acc = torch.empty(self.numel, dtype=wide, device=self.device)
-        if need_momentum and self.momentum is None:
-            self.momentum = torch.empty(self.numel, dtype=wide, device=self.device)
-        if need_anchor and self.anchor is None:
-            self.anchor = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        if need_cache and self.cache is None:  # tilt_every > 1: g0, then the cached correction
-            self.cache = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-
-    def state_bytes(self) -> int:
-        """The optimizer's own buffers: theta0, A, v, the anchor, the cache and staging copies (the gradient
-        buffer is the parameters' gradients, which any optimizer has)."""
-        own = [self.backup, self.acc, self.momentum, self.anchor, self.cache] + [s for _, s in self.staged]
-        return sum(t.numel() * t.element_size() for t in own if t is not None)
-
-
-def _storage_strides(p: torch.Tensor) -> Tuple[int, ...]:
-    """``p``'s strides if it is dense and non-overlapping (memory format kept), else contiguous ones."""
-    return torch.empty_like(p, device="meta").stride()
-
-
-def storage_view(p: torch.Tensor) -> Optional[torch.Tensor]:
-    """``p``'s elements as a 1-D contiguous view of its own storage, in memory order (channels_last and
-    other dense layouts included), or None if ``p`` is not dense and non-overlapping (a strided view)."""
-    t = p.detach()
-    if t.is_contiguous():
-        return t.view(-1)
-    if _storage_strides(t) != t.stride():
-        return None
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 def _key(p: torch.Tensor, sharded: bool) -> tuple:

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .base import Backend, BackendStatus, BackendUnavailable
-from .reference import ReferenceBackend
+from .reference_fast import ReferenceBackend
 
 __all__ = ["Backend", "BackendUnavailable", "BackendStatus", "backend_info", "resolve_backend", "BACKENDS"]
 
@@ -26,7 +26,7 @@ _PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
 
 
 def _reference_status() -> Tuple[Optional[Backend], BackendStatus]:
-    from .reference import generator_info
+    from .reference_fast import generator_info
     return ReferenceBackend(), BackendStatus(
         "reference", True, ("any",), f"PyTorch ops in cache-sized chunks (the plain ops are the oracle of the "
                                      f"fused backends); noise: {generator_info()}")

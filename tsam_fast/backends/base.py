@@ -12,7 +12,7 @@ maps each step-level move onto them: the bucket's buffers (``param`` = theta, ``
 length)`` triples, passed to the ops as flat ``int[] runs``) and the op's scalars (0-dim fp32 device
 tensors). ``seed=None`` means no noise (``start="none"``). Every move that writes ``param`` ends with
 ``bucket.publish()``: a no-op, except for a packed bucket of FSDP2 shards, whose moved values are then
-copied out to the shards FSDP all-gathers from (``tsam_fast.flat.Bucket``).
+copied out to the shards FSDP all-gathers from (``tsam_fast.bucket.Bucket``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class Backend:
     """One implementation of the op contract, as the step engine uses it: each method takes a bucket
-    (``tsam_fast.flat.Bucket``: ``param``, ``grad``, ``backup`` (theta0), ``acc``, ``momentum``, ``runs``,
+    (``tsam_fast.bucket.Bucket``: ``param``, ``grad``, ``backup`` (theta0), ``acc``, ``momentum``, ``runs``,
     ``device``, ``dtype``) and the few scalars of the op, and runs the op over the bucket's buffers.
 
     ``ops`` is the contract itself over plain tensors (one callable per op of ``contract.OPS``, taking

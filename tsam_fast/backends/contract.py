@@ -17,7 +17,7 @@ memory traffic. Derived from the table here:
 Conventions of every op (docs/design.md §7):
 
 * ``theta`` is a list of tensors (``Tensor[]``): the parameters of one bucket, each seen as its own storage
-  flat (1-D, contiguous; ``tsam_fast.flat.storage_view``), never copied into a buffer of ours. The
+  flat (1-D, contiguous; ``tsam_fast.bucket.storage_view``), never copied into a buffer of ours. The
   bucket's flat index space is their concatenation in list order: element ``k`` of ``theta[i]`` is
   position ``offset_i + k``, ``offset_i`` the sum of the lengths before it. Every other buffer
   (``theta0``, ``grad``, ``acc``, ``momentum``, ``precond``, ``out``) is one flat 1-D contiguous buffer
