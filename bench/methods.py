@@ -18,7 +18,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 import tsam_fast
-from tsam_fast.backends.reference import FastReferenceBackend, FastReferenceOps, NoiseGenerator
+from tsam_fast.backends import Backend
+from tsam_fast.backends.reference import (REFERENCE_DTYPES, FastReferenceBackend, FastReferenceOps, NoiseGenerator,
+                                          ReferenceBackend, ReferenceOps)
 from baselines import ERM, SAM, AuthorsTSAM, FastTSAM, ForeachTSAM, PhiloxNoise, TSAMConfig, tsam_oracle
 from harness import Progress
 from models import ModelSpec, Workload, build
@@ -62,24 +64,14 @@ def auto_backend(device: torch.device) -> str:
 
 
 class _OwnReference(FastTSAM):
-    """tsam_fast with the reference backend on its own backend object: its kept buffers (``held_bytes``)
-    are this optimizer's alone, and ``eager=True`` gives the generator a machine without a compiler has
-    (the same path as ``TSAM_FAST_COMPILE=0``). Bench-only: it replaces the optimizer's resolved backend."""
+    """tsam_fast with the reference backend on a backend object of its own (``TSAM(backend=<Backend>)``): its
+    kept buffers (``held_bytes``) are this optimizer's alone; the compiled generator is the shared one
+    (``ReferenceBackend()``), and ``eager=True`` gives it the generator of a machine without a compiler (the
+    same path as ``TSAM_FAST_COMPILE=0``)."""
 
     def __init__(self, params, cfg, noise=None, *, eager: bool = False, check_finite: bool = False):
-        super().__init__(params, cfg, noise, backend="reference", check_finite=check_finite)
-        ops = FastReferenceOps(NoiseGenerator(compile=False)) if eager else None
-        self.backend = FastReferenceBackend(ops) if ops else FastReferenceBackend(_shared_reference_ops())
-        for key in list(self.opt._backends):  # noqa: SLF001 (no public hook: see bench/README.md)
-            self.opt._backends[key] = self.backend
-
-    def held_bytes(self) -> int:
-        return self.opt.extra_memory_bytes()
-
-
-def _shared_reference_ops():
-    from tsam_fast.backends import reference
-    return reference._shared_ops()
+        backend = FastReferenceBackend(FastReferenceOps(NoiseGenerator(compile=False))) if eager else ReferenceBackend()
+        super().__init__(params, cfg, noise, backend=backend, check_finite=check_finite)
 
 
 def tsam_fast_methods(device: torch.device, backends: Optional[Sequence[str]], check_finite: bool,
@@ -177,13 +169,7 @@ def sensitive_config(workload: Workload, cfg: TSAMConfig) -> TSAMConfig:
 def plain_oracle(params, cfg: TSAMConfig, **kwargs) -> tsam_fast.TSAM:
     """``tsam_oracle`` on ``ReferenceOps`` itself, the plain definition (not the fast fallback that
     ``backend="reference"`` runs), so that the reference rows are checked too."""
-    from tsam_fast.backends.base import Backend
-    from tsam_fast.backends.reference import REFERENCE_DTYPES, ReferenceOps
-    opt = tsam_oracle(params, cfg, backend="reference", **kwargs)
-    plain = Backend("reference", ReferenceOps(), REFERENCE_DTYPES)
-    for key in list(opt._backends):  # noqa: SLF001 (bench-only, see _OwnReference)
-        opt._backends[key] = plain
-    return opt
+    return tsam_oracle(params, cfg, backend=Backend("reference", ReferenceOps(), REFERENCE_DTYPES), **kwargs)
 
 
 def check_twin(workload: Workload, device: torch.device, seed: int) -> Workload:

@@ -27,7 +27,7 @@ import methods  # noqa: E402
 import presets  # noqa: E402
 import report  # noqa: E402
 import throughput  # noqa: E402
-from baselines import ForeachTSAM  # noqa: E402
+from baselines import ForeachTSAM, TSAMConfig  # noqa: E402
 from models import ModelSpec, build  # noqa: E402
 
 TINY = ["--device", "cpu", "--models", "mlp,cnn,gpt", "--mlp-width", "16", "--mlp-depth", "2",
@@ -114,6 +114,20 @@ def test_other_modes_run(tmp_path, capsys):
     assert throughput.main(["--mode", "fixed", "--methods", "tsam_foreach,tsam_fast_reference_loop"] + common) == 0
     rec = json.loads(harness.latest(tmp_path, "latest-fixed-cpu.txt").read_text())
     assert rec["models"][0]["check"]["timed"]["tsam_fast_reference_loop"]["passed"]
+
+
+def test_reference_rows_and_the_oracle_hand_tsam_their_own_backend_objects():
+    """Through the public ``TSAM(backend=<Backend>)``: the oracle runs the plain ``ReferenceOps``; each reference
+    row (compiled or eager) holds a backend object of its own, so that its kept buffers are its alone."""
+    from tsam_fast.backends.reference import FastReferenceBackend, ReferenceOps
+    cfg = TSAMConfig()
+    oracle = methods.plain_oracle([torch.nn.Parameter(torch.randn(5))], cfg)
+    assert type(oracle.backend.ops) is ReferenceOps and oracle.backend_name() == "reference"
+    rows = {m.key: m for m in methods.all_methods(torch.device("cpu"), ["reference"], eager_reference=True)}
+    opts = [rows[key].make([torch.nn.Parameter(torch.randn(5))], cfg, None).opt
+            for key in ("tsam_fast_reference", "tsam_fast_reference", "tsam_fast_reference_eager")]
+    assert all(isinstance(o.backend, FastReferenceBackend) and o.backend_name() == "reference" for o in opts)
+    assert len({id(o.backend) for o in opts}) == 3
 
 
 def test_default_preset_has_a_real_shaped_transformer():
