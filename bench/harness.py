@@ -349,7 +349,7 @@ def warn_if_loaded(device: torch.device) -> Optional[float]:
 
 #: where the benchmarks write when not told: outside the checkout, so a run leaves ``git status`` clean
 RESULTS_ENV = "TSAM_FAST_RESULTS"
-#: the committed results: written only when a script is asked to (``throughput.py --record``)
+#: the committed results: written only when a script is asked to (``--record``: ``add_output_options``)
 RECORDED_DIR = Path(__file__).resolve().parent / "results"
 
 

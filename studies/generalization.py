@@ -57,9 +57,10 @@ Tables: mean ± std over seeds; differences between methods paired by seed (same
 mean ± std of the per-seed differences, with ``*`` where a two-sided paired t-test gives p < 0.05 (no
 correction for the number of comparisons).
 
-Outputs: markdown on stdout; ``bench/results/generalization-<preset>-<UTC stamp>.json``, ``.md`` and a
-``.png`` (timestamped files only), and while it runs ``generalization-<preset>-<stamp>.runs.jsonl``, one
-line per finished run, which ``--resume`` continues. ``--jobs 2`` trains two runs at a time (one torch
+Outputs: markdown on stdout; ``generalization-<preset>-<UTC stamp>.json``, ``.md`` and a ``.png``
+(timestamped files only), and while it runs ``generalization-<preset>-<stamp>.runs.jsonl``, one line per
+finished run, which ``--resume`` continues: in ``$TSAM_FAST_RESULTS``, else ``~/.cache/tsam_fast/results``
+(``--out-dir``), or in the committed ``bench/results/`` with ``--record`` (the figures docs/results cites). ``--jobs 2`` trains two runs at a time (one torch
 thread each). Presets: ``quick`` (MLP, 3,000 training images, 10 epochs, 2 seeds, about 8 minutes on 2
 cores when they are idle; 28 minutes measured at load 4-8), ``full`` (both models, 20 epochs, 5 seeds:
 hours on 2 cores), ``smoke`` (tests).
@@ -97,8 +98,6 @@ from generalization_data import NUM_CLASSES, load_split  # noqa: E402
 from generalization_report import markdown, save, summarize  # noqa: E402
 from generalization_train import (EFFICIENT, Method, calibrate, describe_model, init_worker, methods_for,  # noqa: E402
                                   train_one, work)
-
-RESULTS_DIR = harness.RECORDED_DIR  # bench/results/
 
 PRESETS = {
     "smoke": dict(data="synthetic", seeds=1, epochs=2, models=("mlp",), noise=(0.0, 0.4), tilts=(0.0, 20.0),
@@ -278,8 +277,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "fetched into a cache) with symmetric label noise on the training and validation labels, over "
                     "seeds, at equal epochs and at equal wall-clock. Final and best-validation-epoch accuracy, "
                     "paired differences. One fixed hyperparameter setting (no search). Writes markdown to stdout and "
-                    "JSON + markdown + PNG to bench/results/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "JSON + markdown + PNG to $" + harness.RESULTS_ENV + " or ~/.cache/tsam_fast/results (never into the "
+                    "checkout unless --record).",
+        formatter_class=harness.HelpFormatter)
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick",
                    help="quick: MLP, 3000 training images, 10 epochs, 2 seeds (about 8 min on 2 idle cores); full: MLP "
                         "and "
@@ -332,11 +332,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a .runs.jsonl of an interrupted run: skip its runs, keep its wall-clock calibration, append")
     g.add_argument("--no-train", action="store_true",
                    help="with --resume: train nothing, report the runs the log already has")
-    g.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    harness.add_output_options(g, "the JSON, markdown, PNG and the log of finished runs (.runs.jsonl)")
     g.add_argument("--no-plot", action="store_true", help="no PNG")
-    g.add_argument("--no-save", action="store_true", help="write nothing to --out-dir")
+    g.add_argument("--no-save", action="store_true", help="write no files (neither the results nor the runs' log)")
     g.add_argument("--no-progress", action="store_true", help="no line per finished run on stderr")
     args = p.parse_args(argv)
+    args.out_dir = harness.output_dir(args)
     unknown = set(args.efficient) - set(EFFICIENT)
     if unknown:
         p.error(f"--efficient: unknown {sorted(unknown)}; choose from {', '.join(EFFICIENT)}")

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import generalization  # noqa: E402
+import harness  # noqa: E402 (bench/harness.py: generalization put bench/ on the path)
 import generalization_data  # noqa: E402
 import generalization_report  # noqa: E402
 import generalization_train  # noqa: E402
@@ -171,6 +172,14 @@ def test_smoke_preset_runs_and_records(tmp_path, capsys, monkeypatch):
                                  "--resume", str(tmp_path / f"{stem}.runs.jsonl"), "--no-train"])
     assert again["runs"] == record["runs"] and again["calibration"] == record["calibration"]
     assert again["summary"] == json.loads(json.dumps(record["summary"]))
+
+
+def test_results_go_outside_the_checkout_unless_recorded(monkeypatch):
+    monkeypatch.setenv(harness.RESULTS_ENV, "/somewhere/else")
+    assert generalization.parse_args([]).out_dir == Path("/somewhere/else")
+    assert generalization.parse_args(["--record"]).out_dir == harness.RECORDED_DIR
+    monkeypatch.delenv(harness.RESULTS_ENV)
+    assert generalization.parse_args([]).out_dir == Path.home() / ".cache" / "tsam_fast" / "results"
 
 
 def test_quick_path_on_a_synthetic_tarball(env, tmp_path, monkeypatch):
