@@ -60,10 +60,10 @@ correction for the number of comparisons).
 Outputs: markdown on stdout; ``generalization-<preset>-<UTC stamp>.json``, ``.md`` and a ``.png``
 (timestamped files only), and while it runs ``generalization-<preset>-<stamp>.runs.jsonl``, one line per
 finished run, which ``--resume`` continues: in ``$TSAM_FAST_RESULTS``, else ``~/.cache/tsam_fast/results``
-(``--out-dir``), or in the committed ``bench/results/`` with ``--record`` (the figures docs/results cites). ``--jobs 2`` trains two runs at a time (one torch
-thread each). Presets: ``quick`` (MLP, 3,000 training images, 10 epochs, 2 seeds, about 8 minutes on 2
-cores when they are idle; 28 minutes measured at load 4-8), ``full`` (both models, 20 epochs, 5 seeds:
-hours on 2 cores), ``smoke`` (tests).
+(``--out-dir``), or in the committed ``bench/results/`` with ``--record`` (the figures docs/results cites).
+``--jobs 2`` trains two runs at a time (one torch thread each). Presets: ``quick`` (MLP, 3,000 training
+images, 10 epochs, 2 seeds, about 8 minutes on 2 cores when they are idle; 28 minutes measured at load
+4-8), ``full`` (both models, 20 epochs, 5 seeds: hours on 2 cores), ``smoke`` (tests).
 
 Code: this file holds the presets, the grid of runs and the command line; ``generalization_data.py`` the
 data, splits and label noise; ``generalization_train.py`` the methods, models, one run and the wall-clock
@@ -277,8 +277,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "fetched into a cache) with symmetric label noise on the training and validation labels, over "
                     "seeds, at equal epochs and at equal wall-clock. Final and best-validation-epoch accuracy, "
                     "paired differences. One fixed hyperparameter setting (no search). Writes markdown to stdout and "
-                    "JSON + markdown + PNG to $" + harness.RESULTS_ENV + " or ~/.cache/tsam_fast/results (never into the "
-                    "checkout unless --record).",
+                    "JSON + markdown + PNG to $" + harness.RESULTS_ENV + " or ~/.cache/tsam_fast/results (never into "
+                    "the checkout unless --record).",
         formatter_class=harness.HelpFormatter)
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick",
                    help="quick: MLP, 3000 training images, 10 epochs, 2 seeds (about 8 min on 2 idle cores); full: MLP "
