@@ -27,11 +27,12 @@ call; tsam_fast's reference Philox is written in int64 tensor ops and is ~10x sl
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 
 from tsam_fast import TSAM, rng
+from tsam_fast.backends import Backend
 
 __all__ = ["TSAMConfig", "NoiseSource", "PhiloxNoise", "TorchNoise", "ERM", "SAM", "AuthorsTSAM",
            "ForeachTSAM", "FastTSAM", "tsam_oracle"]
@@ -373,10 +374,11 @@ class ForeachTSAM(_NoisyBaseline):
 
 
 class FastTSAM:
-    """``tsam_fast.TSAM`` with one backend; noise is the package's own (``noise`` is ignored)."""
+    """``tsam_fast.TSAM`` with one backend (a name, or a ``Backend`` object); noise is the package's own
+    (``noise`` is ignored)."""
 
-    def __init__(self, params, cfg: TSAMConfig, noise: Optional[NoiseSource] = None, *, backend: str = "auto",
-                 check_finite: bool = False):
+    def __init__(self, params, cfg: TSAMConfig, noise: Optional[NoiseSource] = None, *,
+                 backend: Union[str, Backend] = "auto", check_finite: bool = False):
         self.opt = tsam_oracle(params, cfg, backend=backend, check_finite=check_finite)
         self.calls_per_step = 2 * cfg.num_samples
 
@@ -388,7 +390,8 @@ class FastTSAM:
 
 
 def tsam_oracle(params, cfg: TSAMConfig, *, num_samples: Optional[int] = None, sampler: str = "ascent",
-                start: str = "gaussian", backend: str = "reference", check_finite: bool = False) -> TSAM:
+                start: str = "gaussian", backend: Union[str, Backend] = "reference",
+                check_finite: bool = False) -> TSAM:
     """``tsam_fast.TSAM`` with the benchmark's hyperparameters; the oracle of every method's check.
 
     ERM is TSAM(sampler="random", start="none", num_samples=1) and SAM is TSAM(sampler="ascent",

@@ -1,4 +1,5 @@
-"""Each op of the contract alone, per backend: ``python bench/throughput.py --mode ops`` (or run this file).
+"""Each op of the contract alone, per backend: ``python bench/throughput.py --mode ops``, or run this file
+(``python bench/bench_ops.py --help``: the ops mode's options alone).
 
 The ops, their inputs and their byte counts come from the contract table (``tsam_fast.backends.contract``):
 each op is timed in its first mode (``OpSpec.cases``) on the table's sample inputs, fp32, on the CPU (or
@@ -13,6 +14,7 @@ when it is not a terminal).
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -97,11 +99,27 @@ def markdown(record: dict) -> str:
             "\n\n" + harness.markdown_table(head, rows) + f"\n\n**unreliable**: {harness.UNRELIABLE_RULE}.")
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options ``throughput.py --mode ops`` hands on, for running this file alone."""
+    p = argparse.ArgumentParser(prog="bench/bench_ops.py", formatter_class=harness.HelpFormatter,
+                                description="Each op of the contract alone, per implementation: checked against "
+                                            "ReferenceOps, then timed (ms and GB/s of minimum traffic).")
+    p.add_argument("--device", default="auto", help=harness.DEVICE_HELP)
+    p.add_argument("--op-sizes", default="1e6,1e7", help="elements per op call")
+    p.add_argument("--steps", type=int, default=5, help="timed calls per op and size")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    harness.add_output_options(p, "the JSON and markdown")
+    p.add_argument("--no-save", action="store_true", help="print the table only; write no files")
+    p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    args = p.parse_args(argv)
+    args.out_dir = harness.output_dir(args)
+    return args
+
+
 def main(args) -> int:
-    """``throughput.py --mode ops``: uses its --device, --op-sizes, --steps, --threads, --out-dir/--record,
-    --no-save and --no-progress."""
-    from throughput import resolve_device
-    device = resolve_device(args.device)
+    """Run the ops mode with ``args``: ``parse_args``' or ``throughput.py``'s (its --device, --op-sizes,
+    --steps, --threads, --out-dir/--record, --no-save and --no-progress)."""
+    device = harness.resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(float(x)) for x in args.op_sizes.split(",") if x]
@@ -120,5 +138,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    import throughput
-    sys.exit(throughput.main(["--mode", "ops"] + sys.argv[1:]))
+    sys.exit(main(parse_args()))

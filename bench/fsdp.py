@@ -34,7 +34,7 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from models import ModelSpec, build  # noqa: E402
-from throughput import GPT_LM  # noqa: E402
+from presets import GPT_LM  # noqa: E402
 
 from tsam_fast import TSAM  # noqa: E402
 

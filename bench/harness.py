@@ -18,6 +18,7 @@ repository; committed results (``bench/results/``) are written only when a scrip
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -313,6 +314,20 @@ def backends_record(device_type: str = "cpu") -> dict:
     return out
 
 
+#: what ``--device`` takes, in the help of every script that has it
+DEVICE_HELP = "auto (cuda if available, else cpu), cpu, cuda or cuda:N"
+
+
+def resolve_device(text: str) -> torch.device:
+    """``--device``: ``auto`` is cuda when available, else cpu; cuda where CUDA is absent exits in words."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available in this torch build / on this machine")
+    return device
+
+
 def machine_record(device: torch.device) -> dict:
     """What every result file starts with: schema, UTC date, device, versions, backends, load average."""
     device = torch.device(device)
@@ -334,13 +349,39 @@ def warn_if_loaded(device: torch.device) -> Optional[float]:
 
 #: where the benchmarks write when not told: outside the checkout, so a run leaves ``git status`` clean
 RESULTS_ENV = "TSAM_FAST_RESULTS"
-#: the committed results: written only when a script is asked to (``throughput.py --record``)
+#: the committed results: written only when a script is asked to (``--record``: ``add_output_options``)
 RECORDED_DIR = Path(__file__).resolve().parent / "results"
 
 
 def results_dir() -> Path:
     """The default output directory: ``$TSAM_FAST_RESULTS``, else ``~/.cache/tsam_fast/results``."""
     return Path(os.environ.get(RESULTS_ENV) or Path.home() / ".cache" / "tsam_fast" / "results")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the unset ones (None: the preset or the model decides, said in the help)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_output_options(group, files: str, pointer: Optional[str] = None) -> None:
+    """``--out-dir DIR`` or ``--record`` (the committed ``bench/results/``), one or the other, on an argparse
+    parser or group; ``files`` says what is written, ``pointer`` the pointer file a run leaves beside them
+    (none in the committed folder). ``output_dir(args)`` then says where they go."""
+    out = group.add_mutually_exclusive_group()
+    out.add_argument("--out-dir", type=Path, default=None,
+                     help=f"where {files} go" + (f", with {pointer}" if pointer else "")
+                          + f" (default: ${RESULTS_ENV}, else ~/.cache/tsam_fast/results: outside the checkout)")
+    where = "the committed bench/results/" + (" (no pointer file)" if pointer else "")
+    out.add_argument("--record", action="store_true", help=f"write the results into {where}: for figures the docs cite")
+
+
+def output_dir(args) -> Path:
+    """Where ``add_output_options``' flags send the files: ``--record``, ``--out-dir``, else ``results_dir()``."""
+    return RECORDED_DIR if args.record else args.out_dir or results_dir()
 
 
 def stamp(record: dict) -> str:
@@ -353,6 +394,11 @@ def fmt_count(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n:.3g}"
+
+
+def model_tag(kind: str, params: int) -> str:
+    """How progress lines and verdicts name a model: ``gpt 5.28M``."""
+    return f"{kind} {fmt_count(params)}"
 
 
 def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

