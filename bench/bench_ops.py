@@ -28,7 +28,8 @@ if str(HERE) not in sys.path:
 
 import harness  # noqa: E402
 from tsam_fast.backends import contract, resolve_backend  # noqa: E402
-from tsam_fast.backends.reference import FastReferenceOps, ReferenceOps  # noqa: E402
+from tsam_fast.backends.reference import ReferenceOps  # noqa: E402
+from tsam_fast.backends.reference_fast import FastReferenceOps  # noqa: E402
 
 
 def rows_for(device: torch.device):

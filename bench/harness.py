@@ -307,10 +307,10 @@ def device_description(device: torch.device) -> dict:
 
 def backends_record(device_type: str = "cpu") -> dict:
     """Each backend's availability and reason, and how the reference backend generates noise here."""
-    from tsam_fast.backends import reference
+    from tsam_fast.backends import reference_fast
     out = {n: dict(available=s.available, devices=list(s.devices), reason=s.reason)
            for n, s in tsam_fast.backend_info().items()}
-    out["reference"]["generator"] = reference.generator_info(device_type)
+    out["reference"]["generator"] = reference_fast.generator_info(device_type)
     return out
 
 

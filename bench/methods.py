@@ -19,8 +19,9 @@ import torch
 
 import tsam_fast
 from tsam_fast.backends import Backend
-from tsam_fast.backends.reference import (REFERENCE_DTYPES, FastReferenceBackend, FastReferenceOps, NoiseGenerator,
-                                          ReferenceBackend, ReferenceOps)
+from tsam_fast.backends.noise import NoiseGenerator
+from tsam_fast.backends.reference import REFERENCE_DTYPES, ReferenceOps
+from tsam_fast.backends.reference_fast import FastReferenceBackend, FastReferenceOps, ReferenceBackend
 from baselines import ERM, SAM, AuthorsTSAM, FastTSAM, ForeachTSAM, PhiloxNoise, TSAMConfig, tsam_oracle
 from harness import Progress
 from models import ModelSpec, Workload, build

@@ -119,7 +119,8 @@ def test_other_modes_run(tmp_path, capsys):
 def test_reference_rows_and_the_oracle_hand_tsam_their_own_backend_objects():
     """Through the public ``TSAM(backend=<Backend>)``: the oracle runs the plain ``ReferenceOps``; each reference
     row (compiled or eager) holds a backend object of its own, so that its kept buffers are its alone."""
-    from tsam_fast.backends.reference import FastReferenceBackend, ReferenceOps
+    from tsam_fast.backends.reference import ReferenceOps
+    from tsam_fast.backends.reference_fast import FastReferenceBackend
     cfg = TSAMConfig()
     oracle = methods.plain_oracle([torch.nn.Parameter(torch.randn(5))], cfg)
     assert type(oracle.backend.ops) is ReferenceOps and oracle.backend_name() == "reference"

@@ -133,17 +133,6 @@ def test_generator_real_chunk_size():
            "perturb across CHUNK")
 
 
-def test_moved_names_stay_importable_from_reference():
-    """The fast path and the generator have rooms of their own; their names are still served by
-    ``tsam_fast.backends.reference``, where they were imported from before (bench/ does)."""
-    from tsam_fast.backends import reference
-    for name in reference.__all__ + ["_shared_ops"]:
-        home = reference if name in vars(reference) else noise_mod if name in vars(noise_mod) else fast_mod
-        assert getattr(reference, name) is getattr(home, name), name
-    with pytest.raises(AttributeError):
-        reference.no_such_name
-
-
 def test_philox_int64_matches_definition():
     g = torch.Generator().manual_seed(7)
     words = [torch.randint(0, 2**32, (4099,), generator=g, dtype=torch.int64) for _ in range(4)]

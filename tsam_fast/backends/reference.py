@@ -4,24 +4,15 @@
 arithmetic in fp32 (float64 for float64 buffers), norms accumulated in fp64, results rounded once to the
 buffer's dtype, noise from ``tsam_fast.rng`` (fp32 normals whatever the buffer dtype). The formulas are
 those of docs/design.md §7. What ``backend="reference"`` actually runs is the chunked fast path built on
-these ops, ``reference_fast.FastReferenceOps`` (its noise generator in ``noise``); their names stay
-importable from here.
+these ops, ``reference_fast.FastReferenceOps`` (its noise generator in ``noise``).
 """
 
 from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING
 
 import torch
 
 from .. import rng
 from .contract import run_triples
-
-if TYPE_CHECKING:  # the moved names, for readers and checkers (at run time: __getattr__ below)
-    from .noise import COMPILE_ENV, COMPILE_MIN_COUNTERS, GEN_COUNTERS, NoiseGenerator
-    from .reference_fast import (CHUNK, KEEP_MIN, FastReferenceBackend, FastReferenceOps, ReferenceBackend,
-                                 generator_info)
 
 _F32 = torch.float32
 
@@ -135,23 +126,4 @@ class ReferenceOps:
 REFERENCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-#: the names of the fast path and its noise generator, importable from here as before they had rooms of
-#: their own (their settings, CHUNK and the rest, are read there: set them there)
-_MOVED = {
-    "NoiseGenerator": "noise", "CHUNK": "reference_fast", "GEN_COUNTERS": "noise",
-    "COMPILE_MIN_COUNTERS": "noise", "KEEP_MIN": "reference_fast", "COMPILE_ENV": "noise",
-    "FastReferenceOps": "reference_fast", "FastReferenceBackend": "reference_fast",
-    "ReferenceBackend": "reference_fast", "generator_info": "reference_fast", "_shared_ops": "reference_fast",
-}
-
-__all__ = ["ReferenceOps", "REFERENCE_DTYPES", "NoiseGenerator", "CHUNK", "GEN_COUNTERS", "COMPILE_MIN_COUNTERS",
-           "KEEP_MIN", "COMPILE_ENV", "FastReferenceOps", "FastReferenceBackend", "ReferenceBackend", "generator_info"]
-
-
-def __getattr__(name: str):
-    """A moved name, from its home (imported on first use: ``reference_fast`` builds on ``ReferenceOps``,
-    so importing it here at load time would be circular)."""
-    home = _MOVED.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{home}", __package__), name)
+__all__ = ["ReferenceOps", "REFERENCE_DTYPES"]
