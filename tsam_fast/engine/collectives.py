@@ -38,14 +38,14 @@ def _tag_fields(bits: List[float]) -> Dict[str, int]:
 
 
 class Collectives:
-    """The all-reduces of one step. ``slots``: the step's buckets with their backends (``bucket.sharded``
+    """The all-reduces of one step. ``targets``: the step's buckets with their backends (``bucket.sharded``
     says which parts are shard sums); ``guard``: its non-finite flag travels with the losses; ``session``:
     whether this optimizer has checked a tag yet (the first is read at once); ``describe(position)``: "TSAM
     step k ... evaluation i (role)", for the messages."""
 
-    def __init__(self, slots, device: torch.device, dtype: torch.dtype, pg, world: int, shard_group, guard,
+    def __init__(self, targets, device: torch.device, dtype: torch.dtype, pg, world: int, shard_group, guard,
                  config, seed: int, attempt: int, session, constants: Dict, describe):
-        self.slots, self.device, self.dtype, self.guard = slots, device, dtype, guard
+        self.targets, self.device, self.dtype, self.guard = targets, device, dtype, guard
         self.pg, self.world = pg, world
         # a sharded model's norms are sums over the shard group; packed with the loss's all-reduce when that
         # group spans the same ranks (FSDP2 on a 1-D mesh), else one collective each (HSDP)
@@ -67,11 +67,11 @@ class Collectives:
 
     def reduce(self, named: Dict[str, List[torch.Tensor]], loss: Optional[torch.Tensor] = None,
                position: int = -1) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
-        """(the loss averaged over the ranks, {name: global sum}) from per-slot partial sums; ``position``:
+        """(the loss averaged over the ranks, {name: global sum}) from per-bucket partial sums; ``position``:
         the evaluation whose loss this is (its tag)."""
         names = list(named)
-        sharded = [self._total([x for x, s in zip(named[n], self.slots) if s.bucket.sharded]) for n in names]
-        plain = [self._total([x for x, s in zip(named[n], self.slots) if not s.bucket.sharded]) for n in names]
+        sharded = [self._total([x for x, t in zip(named[n], self.targets) if t.bucket.sharded]) for n in names]
+        plain = [self._total([x for x, t in zip(named[n], self.targets) if not t.bucket.sharded]) for n in names]
         dist = torch.distributed
         average = self.world > 1 and loss is not None
         shared = self.shard_group is not None and bool(names)

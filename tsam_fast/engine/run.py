@@ -45,7 +45,7 @@ class StepRun:
         self.by_closure = inputs.by_closure  # error messages speak of the closure
         self.step = Step(inputs, self._describe)  # may refuse (a backend, a process group): nothing moved yet
         self.k, self.world = self.step.k, self.step.world
-        self._moves = moves.table(inputs.config, self.step.between)
+        self._moves = moves.table(inputs.config, self.step.reuses_correction)
         self.result: Optional[torch.Tensor] = None
         self._position = 0          # index of the next evaluation
         self._awaiting = False      # an evaluation was handed out and its loss not recorded yet

@@ -19,11 +19,11 @@ from .guard import Guard
 from .session import StepInputs
 from .tilt import TiltState
 
-__all__ = ["Slot", "Step"]
+__all__ = ["Target", "Step"]
 
 
-class Slot(NamedTuple):
-    """A bucket with the backend that runs it and the index of its per-group scalars."""
+class Target(NamedTuple):
+    """Where a move's op runs: a bucket, the backend that runs its ops and the index of its group's scalars."""
 
     bucket: object
     backend: object
@@ -41,7 +41,7 @@ class Step:
         self.k, self.seed = inputs.step, inputs.seed
         self.tilts, self.rhos, self.radii = inputs.tilts, inputs.rhos, inputs.radii
         self.taus = [t - cfg.delta for t in self.tilts]
-        self.slots = [Slot(b, inputs.backend_for(b.device, b.dtype), b.group_index) for b in self.buckets]
+        self.targets = [Target(b, inputs.backend_for(b.device, b.dtype), b.group_index) for b in self.buckets]
         self.group0 = self.buckets[0].group_index
         self.pg, self.world = loss_group(inputs.process_group)
         session = self.session = inputs.session
@@ -52,7 +52,7 @@ class Step:
         # constant step scalars (1, 0, HMC sizes), kept across steps: never written to
         self.constants: Dict = session.constants.setdefault((self.device, self.dtype), {})
         self.guard = Guard(self.layout, self.device, self.dtype, cfg.check_finite, inputs.grad_scaler, self.pg)
-        self.comms = Collectives(self.slots, self.device, self.dtype, self.pg, self.world, self.layout.shard_group,
+        self.comms = Collectives(self.targets, self.device, self.dtype, self.pg, self.world, self.layout.shard_group,
                                  self.guard, cfg, self.seed, self.attempt, session, self.constants, describe)
         self.tilt = TiltState(self.taus)
         self.losses: List[torch.Tensor] = []
@@ -61,12 +61,12 @@ class Step:
         self.origin_loss: Optional[torch.Tensor] = None  # L(theta0) and ||g0||, when the plan evaluates theta0
         self.grad_norm: Optional[torch.Tensor] = None
         # the periodic tilt: a step between full ones evaluates theta0 once and adds the cached correction
-        self.between = cfg.tilt_every > 1 and session.correction is not None and self.k % cfg.tilt_every != 0
-        if cfg.tilt_every > 1 and not self.between:
+        self.reuses_correction = cfg.tilt_every > 1 and session.correction is not None and self.k % cfg.tilt_every != 0
+        if cfg.tilt_every > 1 and not self.reuses_correction:
             session.correction = None  # this full step rewrites the cache; valid again once it finishes
         self.g0_sqnorm: Optional[torch.Tensor] = None  # tilt_every: ||g0||^2 of this full step
         self.correction: Optional[torch.Tensor] = None  # ... and the cache's, once its evaluations are done
-        self.plan = list(cfg.plan_at(self.k, self.between))  # a tilt-sampled backward fills in its draws
+        self.plan = list(cfg.plan_at(self.k, self.reuses_correction))  # a tilt-sampled backward fills in its draws
         self.starts: Dict[int, Tuple[Optional[int], List[torch.Tensor]]] = {}  # j -> (seed, coefs) of its start
 
     # -- scalars ----------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ class Step:
             t = self.constants[x] = torch.full((), x, dtype=self.dtype, device=self.device)
         return t
 
-    def on(self, value: torch.Tensor, bucket) -> torch.Tensor:
+    def to_bucket(self, value: torch.Tensor, bucket) -> torch.Tensor:
         """A step scalar on a bucket's device, in its scalar dtype (fp32 unless the bucket is float64); a
         no-op in the usual case of one device and dtype."""
         dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32
@@ -85,8 +85,8 @@ class Step:
             return value
         return value.to(bucket.device, dtype, non_blocking=bucket.device.type != "cpu")
 
-    def per_group(self, values: List[torch.Tensor], slot: Slot) -> torch.Tensor:
-        return self.on(values[slot.group], slot.bucket)
+    def per_group(self, values: List[torch.Tensor], target: Target) -> torch.Tensor:
+        return self.to_bucket(values[target.group], target.bucket)
 
     # -- reductions -------------------------------------------------------------------------------
 
@@ -95,7 +95,7 @@ class Step:
         return self.comms.reduce(named, loss, self.position)
 
     def grad_parts(self, adaptive: bool = False) -> List[torch.Tensor]:
-        return [s.backend.grad_sqnorm(s.bucket, adaptive) for s in self.slots]
+        return [t.backend.grad_sqnorm(t.bucket, adaptive) for t in self.targets]
 
     def grad_sqnorm(self, adaptive: bool = False) -> torch.Tensor:
         return self.reduce({"grad": self.grad_parts(adaptive)})[1]["grad"]
@@ -103,11 +103,11 @@ class Step:
     # -- the random starts (docs/design.md §3) ------------------------------------------------------
 
     def noise(self, j: int):
-        """Seed and per-slot partial ``sum(xi**2)`` of sample j's random start (None, None for no start)."""
+        """Seed and per-bucket partial ``sum(xi**2)`` of sample j's random start (None, None for no start)."""
         if self.config.start == "none":
             return None, None
         seed = rng.stream_seed(self.seed, self.k, j, rng.STREAM_START)
-        return seed, [s.backend.noise_sqnorm(s.bucket, seed) for s in self.slots]
+        return seed, [t.backend.noise_sqnorm(t.bucket, seed) for t in self.targets]
 
     def coefs(self, j: int, sqnorm: Optional[torch.Tensor]) -> List[torch.Tensor]:
         """Per-group coefficient c of sample j's random start theta0 + c * xi, from the global ||xi||^2."""
@@ -137,8 +137,8 @@ class Step:
         """theta <- sample j's start (around theta0, or the anchor with ``shared_ascent``); remembered, so a
         tilt-sampled backward can come back to it."""
         self.starts[j] = (seed, coefs)
-        for s in self.slots:
-            s.backend.perturb(s.bucket, seed, self.per_group(coefs, s), base=s.bucket.anchor)
+        for t in self.targets:
+            t.backend.perturb(t.bucket, seed, self.per_group(coefs, t), base=t.bucket.anchor)
 
     def first_start(self) -> None:
         """theta0 saved, and the parameters moved to the first evaluation's point: sample 0's start, or
@@ -149,11 +149,11 @@ class Step:
         seed, parts = self.noise(0) if self.plan[0].role != "origin" else (None, None)
         sqnorm = None
         if parts is not None and self.config.radius_mode == "relative":  # one collective for both
-            got = self.reduce({"noise": parts, "theta": [s.backend.param_sqnorm(s.bucket) for s in self.slots]})[1]
+            got = self.reduce({"noise": parts, "theta": [t.backend.param_sqnorm(t.bucket) for t in self.targets]})[1]
             sqnorm, self.theta_norm = got["noise"], got["theta"].sqrt()
         elif parts is not None:
             sqnorm = self.reduce({"noise": parts})[1]["noise"]
         coefs = self.coefs(0, sqnorm)
         self.starts[0] = (seed, coefs)
-        for s in self.slots:
-            s.backend.perturb(s.bucket, seed, self.per_group(coefs, s), save_backup=True)
+        for t in self.targets:
+            t.backend.perturb(t.bucket, seed, self.per_group(coefs, t), save_backup=True)

@@ -25,10 +25,10 @@ __all__ = ["table", "evaluated"]
 Move = Callable  # (step, ev, loss) -> None
 
 
-def table(config, between: bool) -> Dict[str, Move]:
-    """The move after each role of ``config``'s plan (``between``: a step between the periodic tilt's)."""
-    if between:
-        return {"origin": periodic.after_between}
+def table(config, reuses_correction: bool) -> Dict[str, Move]:
+    """The move after each role of ``config``'s plan (``reuses_correction``: a step between the periodic tilt's full ones)."""
+    if reuses_correction:
+        return {"origin": periodic.after_reusing_correction}
     moves = {"origin": shared.after_origin, "ascent": ascent.after_ascent, "leapfrog": hmc.after_leapfrog,
              "sample": samples.after_sample}
     if config.backward_samples is not None:
@@ -38,5 +38,5 @@ def table(config, between: bool) -> Dict[str, Move]:
 
 def evaluated(step) -> None:
     """The last move of the step is made (the step awaits ``finish``)."""
-    if step.config.tilt_every > 1 and not step.between:
+    if step.config.tilt_every > 1 and not step.reuses_correction:
         periodic.cache_correction(step)

@@ -22,5 +22,5 @@ def ascend(step, inv: torch.Tensor) -> None:
             by_rho[rho] = inv * rho
     kicks = [by_rho[rho] for rho in step.rhos]
     one = step.scalar(1.0)
-    for s in step.slots:
-        s.backend.ascend(s.bucket, step.per_group(kicks, s), step.on(one, s.bucket), step.config.adaptive)
+    for t in step.targets:
+        t.backend.ascend(t.bucket, step.per_group(kicks, t), step.to_bucket(one, t.bucket), step.config.adaptive)

@@ -15,11 +15,11 @@ def after_leapfrog(step, ev, loss: torch.Tensor) -> None:
     if ev.substep == 0:
         mseed = rng.stream_seed(step.seed, step.k, ev.sample, rng.STREAM_MOMENTUM)
         sigma = step.scalar(cfg.hmc_sigma)
-        for s in step.slots:
-            s.backend.draw_momentum(s.bucket, mseed, step.on(sigma, s.bucket))
+        for t in step.targets:
+            t.backend.draw_momentum(t.bucket, mseed, step.to_bucket(sigma, t.bucket))
     kick = step.guard.leapfrog_kick(step.scalar(cfg.hmc_step_size * (0.5 if ev.substep == 0 else 1.0)))
     alpha = step.scalar(cfg.hmc_step_size)
-    for s in step.slots:
-        s.backend.leapfrog(s.bucket, step.on(kick, s.bucket), step.on(alpha, s.bucket))
+    for t in step.targets:
+        t.backend.leapfrog(t.bucket, step.to_bucket(kick, t.bucket), step.to_bucket(alpha, t.bucket))
     if ev.substep == cfg.hmc_steps - 1:
         step.guard.after_leapfrogs()

@@ -10,31 +10,31 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["keep_g0", "cache_correction", "after_between"]
+__all__ = ["keep_g0", "cache_correction", "after_reusing_correction"]
 
 
 def keep_g0(step, g0_sqnorm: torch.Tensor) -> None:
     step.g0_sqnorm = g0_sqnorm
-    for s in step.slots:
-        s.bucket.cache.copy_(s.bucket.grad)
+    for t in step.targets:
+        t.bucket.cache.copy_(t.bucket.grad)
 
 
 def cache_correction(step) -> None:
     """At the end of a full step's evaluations: v and ||g0||^2 (cached once the step finishes)."""
-    dots = [_dot(s.bucket.grad, s.bucket.cache) for s in step.slots]
+    dots = [_dot(t.bucket.grad, t.bucket.cache) for t in step.targets]
     alpha = step.reduce({"dot": dots})[1]["dot"] / step.g0_sqnorm.clamp_min(1e-30)
-    for s in step.slots:
-        s.bucket.cache.mul_(-step.on(alpha, s.bucket)).add_(s.bucket.grad)
+    for t in step.targets:
+        t.bucket.cache.mul_(-step.to_bucket(alpha, t.bucket)).add_(t.bucket.grad)
     step.correction = step.g0_sqnorm
 
 
-def after_between(step, ev, loss: torch.Tensor) -> None:
+def after_reusing_correction(step, ev, loss: torch.Tensor) -> None:
     """A step between full ones: g <- g + (||g|| / ||g0||) v, with v and g0 of the last full step."""
     loss, totals = step.reduce({"grad": step.grad_parts()}, loss)
     step.losses.append(loss)
     scale = (totals["grad"] / step.session.correction.clamp_min(1e-30)).sqrt()
-    for s in step.slots:
-        s.bucket.grad.addcmul_(s.bucket.cache, step.on(scale, s.bucket))
+    for t in step.targets:
+        t.bucket.grad.addcmul_(t.bucket.cache, step.to_bucket(scale, t.bucket))
     step.guard.after_samples(clipped=False)
 
 

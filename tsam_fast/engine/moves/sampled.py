@@ -68,12 +68,12 @@ def after_backprop(step, ev, loss: torch.Tensor) -> None:
     one, first = step.scalar(1.0), d == 0
     if d + 1 < cfg.backward_samples:
         seed, coefs = step.starts[step.drawn[d + 1]]
-        for s in step.slots:
-            s.backend.tilt_accumulate(s.bucket, step.on(one, s.bucket), step.on(b, s.bucket), first, seed,
-                                      step.per_group(coefs, s), base=s.bucket.anchor)
+        for t in step.targets:
+            t.backend.tilt_accumulate(t.bucket, step.to_bucket(one, t.bucket), step.to_bucket(b, t.bucket), first, seed,
+                                      step.per_group(coefs, t), base=t.bucket.anchor)
         return
-    for s in step.slots:
-        s.backend.finalize(s.bucket, step.on(one, s.bucket), step.on(b, s.bucket), step.on(one, s.bucket), first)
+    for t in step.targets:
+        t.backend.finalize(t.bucket, step.to_bucket(one, t.bucket), step.to_bucket(b, t.bucket), step.to_bucket(one, t.bucket), first)
     step.guard.after_samples(clipped=clip is not None)
 
 

@@ -34,14 +34,14 @@ def after_sample(step, ev, loss: torch.Tensor) -> None:
     first = j == 0
     if not last:
         coefs = step.coefs(j + 1, totals.get("noise"))
-        for s in step.slots:
-            a, b = weights[step.taus[s.group]]
-            s.backend.tilt_accumulate(s.bucket, step.on(a, s.bucket), step.on(b, s.bucket), first, seed,
-                                      step.per_group(coefs, s), base=s.bucket.anchor)
+        for t in step.targets:
+            a, b = weights[step.taus[t.group]]
+            t.backend.tilt_accumulate(t.bucket, step.to_bucket(a, t.bucket), step.to_bucket(b, t.bucket), first, seed,
+                                      step.per_group(coefs, t), base=t.bucket.anchor)
         return
     inv_z = step.tilt.inverse_normalizers()
-    for s in step.slots:
-        tau = step.taus[s.group]
+    for t in step.targets:
+        tau = step.taus[t.group]
         a, b = weights[tau]
-        s.backend.finalize(s.bucket, step.on(a, s.bucket), step.on(b, s.bucket), step.on(inv_z[tau], s.bucket), first)
+        t.backend.finalize(t.bucket, step.to_bucket(a, t.bucket), step.to_bucket(b, t.bucket), step.to_bucket(inv_z[tau], t.bucket), first)
     step.guard.after_samples(clipped=cfg.max_grad_norm is not None)

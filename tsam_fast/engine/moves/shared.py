@@ -25,7 +25,7 @@ def after_origin(step, ev, loss: torch.Tensor) -> None:
     if noise is not None:
         named["noise"] = noise
         if cfg.radius_mode == "relative":
-            named["theta"] = [s.backend.param_sqnorm(s.bucket) for s in step.slots]
+            named["theta"] = [t.backend.param_sqnorm(t.bucket) for t in step.targets]
     got = step.reduce(named)[1]  # one collective for them all
     if "theta" in got:
         step.theta_norm = got["theta"].sqrt()
@@ -34,6 +34,6 @@ def after_origin(step, ev, loss: torch.Tensor) -> None:
         periodic.keep_g0(step, got["g0"])
     if cfg.shared_ascent:
         ascend(step, step.guard.ascent_step(got.get("ascent", got["g0"])))
-        for s in step.slots:
-            s.bucket.gather(s.bucket.anchor)
+        for t in step.targets:
+            t.bucket.gather(t.bucket.anchor)
     step.move_to(0, seed, step.coefs(0, got.get("noise")))
