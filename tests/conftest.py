@@ -73,3 +73,11 @@ def fresh_accelerate_state():
     state.AcceleratorState._reset_state(reset_partial_state=True)
     yield
     state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def device_scalars(monkeypatch):
+    """CPU steps on 0-dim tensors, as a CUDA step is (``tsam_fast.engine.numbers.HOST_ON_CPU``): the
+    arithmetic and the host-read checks of the device path, run on the CPU."""
+    from tsam_fast.engine import numbers
+    monkeypatch.setattr(numbers, "HOST_ON_CPU", False)

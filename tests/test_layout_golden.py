@@ -20,7 +20,8 @@ from conftest import assert_close, fused_backends
 from golden_cases import CASES, TRAJECTORY_BACKENDS, make_model, noise_points, trajectory
 from tables import one_thread  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# recorded with the scalars on 0-dim tensors: the device path's arithmetic (tsam_fast.engine.numbers)
+pytestmark = pytest.mark.usefixtures("one_thread", "device_scalars")
 
 GOLDEN = torch.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "layout_golden.pt"))
 AVAILABLE = {"reference"} | {name for name, device in fused_backends() if device == "cpu"}

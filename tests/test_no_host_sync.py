@@ -15,6 +15,10 @@ from torch import nn
 import tsam_fast
 from tsam_fast import TSAM
 
+# the device path's reads, checked on the CPU (a CPU step's host floats read its own CPU scalars by design:
+# tsam_fast.engine.numbers)
+pytestmark = pytest.mark.usefixtures("device_scalars")
+
 from tables import SAMPLERS, TOYS, config
 
 READS = ("__bool__", "item", "__float__", "__int__", "__index__", "tolist")

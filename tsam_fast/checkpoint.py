@@ -81,7 +81,9 @@ class CheckpointMixin:
             session = self.__dict__["_session"] = Session()
             session.attempts = state.get("_attempts", 0)
             session.broken = state.get("_broken")
-        for name in ("_run", "_attempts", "_tags_seen", "_broken", "_step_start_state", "_constants", "_correction"):
+        self.__dict__.setdefault("_last_tilt", None)
+        for name in ("_run", "_attempts", "_tags_seen", "_broken", "_step_start_state", "_constants", "_correction",
+                     "last_losses", "last_weights", "last_ess", "last_loss_range"):
             self.__dict__.pop(name, None)
 
     def _initializing_state(self) -> bool:

@@ -85,12 +85,9 @@ class TSAM(CheckpointMixin, torch.optim.Optimizer):
         self._backends: Dict[Tuple[torch.device, torch.dtype], object] = {}
         self._step_count = 0
         self._session = Session()  # the engine's state between steps (tsam_fast.engine.session)
-        self.last_losses: Optional[torch.Tensor] = None
-        self.last_weights: Optional[torch.Tensor] = None
-        self.last_ess: Optional[torch.Tensor] = None
+        self._last_tilt = None  # the last step's TiltReport: last_losses, last_weights, ... read from it
         self.last_origin_loss: Optional[torch.Tensor] = None  # shared_ascent: L(theta0) and ||g0||
         self.last_grad_norm: Optional[torch.Tensor] = None
-        self.last_loss_range: Optional[torch.Tensor] = None
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -223,6 +220,26 @@ class TSAM(CheckpointMixin, torch.optim.Optimizer):
                     losses=self.last_losses, weights=self.last_weights)
 
     @property
+    def last_losses(self) -> Optional[torch.Tensor]:
+        """The last step's sample losses (averaged over the ranks), a device tensor; None before a step."""
+        return self._last_tilt.losses if self._last_tilt is not None else None
+
+    @property
+    def last_weights(self) -> Optional[torch.Tensor]:
+        """The last step's tilt weights softmax((t - delta) L) (group 0's tilt); computed when first read."""
+        return self._last_tilt.weights if self._last_tilt is not None else None
+
+    @property
+    def last_ess(self) -> Optional[torch.Tensor]:
+        """The effective sample size 1/sum(w^2) of the last step's weights (1 to s)."""
+        return self._last_tilt.ess if self._last_tilt is not None else None
+
+    @property
+    def last_loss_range(self) -> Optional[torch.Tensor]:
+        """max - min of the last step's sample losses."""
+        return self._last_tilt.loss_range if self._last_tilt is not None else None
+
+    @property
     def step_count(self) -> int:
         """Completed TSAM steps (the noise counter; saved in state_dict)."""
         return self._step_count
@@ -296,8 +313,7 @@ class TSAM(CheckpointMixin, torch.optim.Optimizer):
     def _finished(self, result: StepResult) -> None:
         """A step finished (the base optimizer stepped): count it and keep its diagnostics."""
         self._step_count += 1
-        self.last_losses, self.last_weights = result.losses, result.weights
-        self.last_ess, self.last_loss_range = result.ess, result.loss_range
+        self._last_tilt = result.tilt
         if result.origin_loss is not None:
             self.last_origin_loss, self.last_grad_norm = result.origin_loss, result.grad_norm
         self._opt_called = True  # what torch's LR schedulers check for "optimizer.step() was called"

@@ -69,6 +69,8 @@ class Collectives:
                position: int = -1) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         """(the loss averaged over the ranks, {name: global sum}) from per-bucket partial sums; ``position``:
         the evaluation whose loss this is (its tag)."""
+        if self.world == 1 and self.shard_group is None:  # one process: the sums of the parts, nothing else
+            return loss, {name: self._total(parts) for name, parts in named.items()}
         names = list(named)
         sharded = [self._total([x for x, t in zip(named[n], self.targets) if t.bucket.sharded]) for n in names]
         plain = [self._total([x for x, t in zip(named[n], self.targets) if not t.bucket.sharded]) for n in names]

@@ -22,11 +22,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Guard:
-    def __init__(self, layout, device: torch.device, dtype: torch.dtype, check_finite: bool, scaler, group):
-        self.layout, self.device, self.dtype, self.group = layout, device, dtype, group
+    def __init__(self, layout, device: torch.device, dtype: torch.dtype, check_finite: bool, scaler, group, num):
+        self.layout, self.device, self.dtype, self.group, self.num = layout, device, dtype, group, num
         self.check = check_finite
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        self.finite = torch.ones((), dtype=torch.bool, device=device) if check_finite else None
+        # all finite so far: a device flag, or a bool where the step's numbers are host floats
+        self.finite = (True if num.host else torch.ones((), dtype=torch.bool, device=device)) if check_finite else None
         self.overflow = torch.zeros((), dtype=torch.bool, device=device) if self.scaler is not None else None
 
     # what a gradient statistic's finiteness means: the scaler's skip, or a recorded error
@@ -36,13 +37,13 @@ class Guard:
             self.overflow |= ~ok
             return ok
         if self.check:
-            self.finite &= torch.isfinite(value)
+            self.finite &= self.num.isfinite(value)
         return None
 
     def _grad_sum(self, which: str) -> torch.Tensor:
         """One plain sum over every bucket's ``grad`` or ``momentum`` (a squared norm overflows sooner)."""
         parts = [getattr(b, which).sum(dtype=self.dtype) for b in self.layout.buckets]
-        return parts[0] if len(parts) == 1 else torch.stack([p.to(self.device) for p in parts]).sum()
+        return self.num.value(parts[0] if len(parts) == 1 else torch.stack([p.to(self.device) for p in parts]).sum())
 
     def _sanitize(self) -> None:
         for b in self.layout.buckets:
@@ -56,15 +57,15 @@ class Guard:
                                "backpropagate scaler.scale(loss) and record (or return) the unscaled loss")
         return 1.0 / scale.to(self.device, self.dtype)
 
-    def loss(self, loss: torch.Tensor) -> None:
+    def loss(self, loss) -> None:
         if self.check:
-            self.finite &= torch.isfinite(loss)
+            self.finite &= self.num.isfinite(loss)
 
     def ascent_step(self, sqnorm: torch.Tensor) -> torch.Tensor:
         """1 / ||g|| of the ascent direction (scale-free: a GradScaler's factor cancels); 0 when the
         gradient overflowed under a scaler (the sample stays at its random start)."""
         ok = self._gradient(sqnorm)
-        inv = (sqnorm.sqrt() + NORM_EPS).reciprocal()
+        inv = self.num.reciprocal(self.num.sqrt(sqnorm) + NORM_EPS)
         if ok is not None:
             inv = torch.where(ok, inv, 0.0)
             self._sanitize()
@@ -86,7 +87,7 @@ class Guard:
 
     def clip_norm(self, sqnorm: torch.Tensor) -> torch.Tensor:
         """The sample gradient's norm in unscaled units (its finiteness recorded)."""
-        norm = sqnorm.sqrt()
+        norm = self.num.sqrt(sqnorm)
         self._gradient(norm)
         return norm * self.inv_scale() if self.scaler is not None else norm
 
@@ -101,6 +102,8 @@ class Guard:
         all-reduce pair evaluations of different steps across the ranks (``out_of_step``, a device flag:
         multi-rank runs only)). On a sharded model each rank checked its own shard's gradients: one
         all-reduce makes the finiteness verdict every rank's."""
+        if self.num.host:  # one process: no shard group, no tags
+            return (self.check and not self.finite), False
         flags = []
         if self.check:
             bad = ~self.finite

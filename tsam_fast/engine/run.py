@@ -21,9 +21,11 @@ from .guard import NonFiniteLossError
 from .plan import Evaluation
 from .session import StepInputs, StepResult
 from .step import Step
-from .tilt import weights_summary
+from .tilt import TiltReport
 
 __all__ = ["StepRun"]
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 class StepRun:
@@ -71,8 +73,8 @@ class StepRun:
 
     @property
     def losses(self):
-        """The losses that enter the tilt, recorded so far (averaged over the ranks; device tensors)."""
-        return list(self.step.losses)
+        """The losses that enter the tilt, recorded so far (averaged over the ranks; 0-dim tensors)."""
+        return [self.step.as_tensor(loss) for loss in self.step.losses]
 
     @property
     def evaluations(self) -> Tuple[Evaluation, ...]:
@@ -132,13 +134,18 @@ class StepRun:
             # a copy: the user may later overwrite a buffer of their own
             if loss.dim():
                 loss = loss.reshape(())
-            loss = loss.detach().to(device=step.device, dtype=step.dtype, copy=True,
-                                    non_blocking=step.device.type != "cpu")
+            if step.num.host:  # a CPU step's scalars are host floats (tsam_fast.engine.numbers)
+                loss = loss.item()
+            elif loss.device == step.device and loss.dtype == step.dtype:
+                loss = loss.detach().clone()
+            else:
+                loss = loss.detach().to(device=step.device, dtype=step.dtype, copy=True,
+                                        non_blocking=step.device.type != "cpu")
             step.guard.loss(loss)
             self._awaiting = False
             self._position += 1
             step.position = ev.index
-            with torch.no_grad():
+            with torch.no_grad() if torch.is_grad_enabled() else _NO_CONTEXT:  # step(closure) runs under no_grad
                 self._moves[ev.role](step, ev, loss)
                 if self._position == len(step.plan):
                     moves.evaluated(step)
@@ -161,8 +168,8 @@ class StepRun:
                 f"finish() was called after {position} of the step's {len(step.plan)} evaluations; record "
                 "every evaluation's loss first (the step was abandoned: parameters restored, state unchanged)")
         self.layout.end_step()
-        losses = torch.stack(step.losses)
-        tilt = weights_summary(losses, step.taus[step.group0], step.tilts[step.group0])
+        losses = torch.tensor(step.losses, dtype=step.dtype) if step.num.host else torch.stack(step.losses)
+        tilt = TiltReport(losses, step.taus[step.group0], step.tilts[step.group0])
         self.session.release(self)
         failed, out_of_step = step.guard.failed(step.comms.out_of_step)  # the step's one host read
         if out_of_step:
@@ -182,9 +189,9 @@ class StepRun:
         if step.correction is not None:  # a full step of the periodic tilt: its correction is cached
             self.session.correction = step.correction
         self.state = "finished"
-        self.result = tilt["tilted"]
-        self.inputs.on_finish(StepResult(tilt["tilted"], losses, tilt["weights"], tilt["ess"], tilt["loss_range"],
-                                         step.origin_loss, step.grad_norm))
+        self.result = tilt.tilted
+        origin = [None if x is None else step.as_tensor(x) for x in (step.origin_loss, step.grad_norm)]
+        self.inputs.on_finish(StepResult(tilt.tilted, tilt, *origin))
         return self.result
 
     @contextlib.contextmanager
@@ -271,6 +278,8 @@ class StepRun:
         # the messages speak of what the user wrote: a closure (TSAM.step) or a record() call
         given, must = ("the closure returned", "the closure must return") if self.by_closure else \
             ("record() got", "record() takes")
+        if type(loss) is torch.Tensor and loss.dim() == 0 and loss.is_floating_point():
+            return loss  # the usual case, in three cheap checks
         if loss is None:
             raise ValueError(f"{given} None: it must {'return' if self.by_closure else 'be'} the loss (after "
                              "calling loss.backward())")

@@ -86,13 +86,11 @@ class StepInputs:
 
 
 class StepResult(NamedTuple):
-    """A finished step: the tilted loss estimate and the tilt's diagnostics (device tensors, no host read);
+    """A finished step: the tilted loss estimate and the tilt's report (``TiltReport``: the sample losses,
+    and the weights, ESS and loss range computed when read; device tensors, no host read);
     ``origin_loss``/``grad_norm``: L(theta0) and ||g0|| when the step evaluated theta0 with its full plan."""
 
     loss: torch.Tensor
-    losses: torch.Tensor
-    weights: torch.Tensor
-    ess: torch.Tensor
-    loss_range: torch.Tensor
+    tilt: object
     origin_loss: Optional[torch.Tensor] = None
     grad_norm: Optional[torch.Tensor] = None

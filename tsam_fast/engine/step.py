@@ -16,6 +16,8 @@ import torch
 from .. import rng
 from .collectives import Collectives, loss_group
 from .guard import Guard
+from . import numbers
+from .numbers import DeviceNumbers, HostNumbers
 from .session import StepInputs
 from .tilt import TiltState
 
@@ -51,10 +53,16 @@ class Step:
         session.attempts += 1
         # constant step scalars (1, 0, HMC sizes), kept across steps: never written to
         self.constants: Dict = session.constants.setdefault((self.device, self.dtype), {})
-        self.guard = Guard(self.layout, self.device, self.dtype, cfg.check_finite, inputs.grad_scaler, self.pg)
+        # the scalars' kind (tsam_fast.engine.numbers): host floats where they are on the host already
+        host = (numbers.HOST_ON_CPU and self.world == 1 and self.layout.shard_group is None and inputs.grad_scaler is None
+                and all(b.device.type == "cpu" for b in self.buckets))
+        self.num = HostNumbers if host else DeviceNumbers
+        self._args: Dict = {}  # host floats: per scalar dtype, a ring of 0-dim tensors the ops read them from
+        self.guard = Guard(self.layout, self.device, self.dtype, cfg.check_finite, inputs.grad_scaler, self.pg,
+                           self.num)
         self.comms = Collectives(self.targets, self.device, self.dtype, self.pg, self.world, self.layout.shard_group,
                                  self.guard, cfg, self.seed, self.attempt, session, self.constants, describe)
-        self.tilt = TiltState(self.taus)
+        self.tilt = TiltState(self.taus, self.num)
         self.losses: List[torch.Tensor] = []
         self.position = -1  # the evaluation whose move is being made (its tag)
         self.theta_norm: Optional[torch.Tensor] = None  # ||theta0|| for radius_mode="relative"
@@ -71,28 +79,47 @@ class Step:
 
     # -- scalars ----------------------------------------------------------------------------------
 
-    def scalar(self, x: float) -> torch.Tensor:
+    def scalar(self, x: float):
+        """A constant of the step (1, 0, HMC sizes) as the step's kind of number."""
+        if self.num.host:
+            return x
         t = self.constants.get(x)
         if t is None:
             t = self.constants[x] = torch.full((), x, dtype=self.dtype, device=self.device)
         return t
 
-    def to_bucket(self, value: torch.Tensor, bucket) -> torch.Tensor:
-        """A step scalar on a bucket's device, in its scalar dtype (fp32 unless the bucket is float64); a
-        no-op in the usual case of one device and dtype."""
+    def to_bucket(self, value, bucket) -> torch.Tensor:
+        """A step scalar as an op's argument for a bucket: a 0-dim tensor on its device, in its scalar dtype
+        (fp32 unless the bucket is float64); a no-op in the usual case of one device and dtype. A host float
+        is written into the next of four 0-dim CPU tensors: valid until four more arguments are made, more
+        than any op takes (CPU ops run at once and keep none)."""
         dtype = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+        if self.num.host:
+            ring = self._args.get(dtype)
+            if ring is None:
+                ring = self._args[dtype] = [0, [torch.zeros((), dtype=dtype) for _ in range(4)]]
+            ring[0] = (ring[0] + 1) % 4
+            return ring[1][ring[0]].fill_(value)
         if bucket.device == self.device and dtype == self.dtype:
             return value
         return value.to(bucket.device, dtype, non_blocking=bucket.device.type != "cpu")
+
+    def as_tensor(self, value) -> torch.Tensor:
+        """A step scalar for the user (a result, a diagnostic): a 0-dim tensor of the step's dtype."""
+        return torch.tensor(value, dtype=self.dtype) if self.num.host else value
 
     def per_group(self, values: List[torch.Tensor], target: Target) -> torch.Tensor:
         return self.to_bucket(values[target.group], target.bucket)
 
     # -- reductions -------------------------------------------------------------------------------
 
-    def reduce(self, named: Dict[str, List[torch.Tensor]], loss: Optional[torch.Tensor] = None):
-        """(loss averaged over the ranks, {name: global sum}): ``Collectives.reduce`` at this evaluation."""
-        return self.comms.reduce(named, loss, self.position)
+    def reduce(self, named: Dict[str, List[torch.Tensor]], loss=None):
+        """(loss averaged over the ranks, {name: global sum}): ``Collectives.reduce`` at this evaluation, the
+        sums as the step's kind of number."""
+        loss, totals = self.comms.reduce(named, loss, self.position)
+        if self.num.host:
+            totals = {name: total.item() for name, total in totals.items()}
+        return loss, totals
 
     def grad_parts(self, adaptive: bool = False) -> List[torch.Tensor]:
         return [t.backend.grad_sqnorm(t.bucket, adaptive) for t in self.targets]
@@ -114,7 +141,8 @@ class Step:
         cfg = self.config
         if sqnorm is None:
             return [self.scalar(0.0)] * len(self.radii)
-        inv_norm = sqnorm.sqrt().clamp_min(1e-30).reciprocal()
+        num = self.num
+        inv_norm = num.reciprocal(num.clamp_min(num.sqrt(sqnorm), 1e-30))
         if self.theta_norm is not None:  # radius_mode="relative": r ||theta0|| (docs/design.md §3)
             inv_norm = inv_norm * self.theta_norm
         if cfg.start == "ball":  # radius r * u^(1/d), u ~ U(0, 1) drawn on the host from its own stream
@@ -125,7 +153,7 @@ class Step:
         for r in self.radii:
             if r not in coefs:
                 if cfg.start == "gaussian":  # noise_scale * xi, clipped to norm r
-                    coefs[r] = torch.clamp_max(inv_norm * r, cfg.noise_scale)
+                    coefs[r] = num.clamp_max(inv_norm * r, cfg.noise_scale)
                 elif cfg.start == "sphere":
                     coefs[r] = inv_norm * r
                 else:
@@ -150,7 +178,7 @@ class Step:
         sqnorm = None
         if parts is not None and self.config.radius_mode == "relative":  # one collective for both
             got = self.reduce({"noise": parts, "theta": [t.backend.param_sqnorm(t.bucket) for t in self.targets]})[1]
-            sqnorm, self.theta_norm = got["noise"], got["theta"].sqrt()
+            sqnorm, self.theta_norm = got["noise"], self.num.sqrt(got["theta"])
         elif parts is not None:
             sqnorm = self.reduce({"noise": parts})[1]["noise"]
         coefs = self.coefs(0, sqnorm)

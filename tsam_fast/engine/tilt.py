@@ -3,11 +3,12 @@ shifted exponents, the tilted loss. Pure: nothing here knows of buckets, ranks o
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["TiltState", "shifted", "tilted_loss", "weights_summary"]
+__all__ = ["TiltState", "TiltReport", "shifted", "tilted_loss"]
 
 
 class TiltState:
@@ -16,34 +17,35 @@ class TiltState:
     Kept in loss units so that no exponent overflows for finite losses: r is the loss at which tau L is
     largest so far (the max loss for tau >= 0, the min for tau < 0); r' = that after loss L;
     a = exp(tau (r - r')), e = exp(tau (L - r')) (both exponents <= 0); Z <- a Z + e; the accumulator
-    update is A <- a A + e c g (c: the optional clip factor). Everything stays on the device.
+    update is A <- a A + e c g (c: the optional clip factor). The state is the step's kind of number: on
+    the device, or host floats on a CPU step.
     """
 
-    def __init__(self, taus: List[float]):
-        self.taus = taus  # per param group
+    def __init__(self, taus: List[float], num):
+        self.taus, self.num = taus, num  # per param group; the step's kind of number (engine.numbers)
         self.distinct = sorted(set(taus))
         self.ref: Dict[float, torch.Tensor] = {}
         self.z: Dict[float, torch.Tensor] = {}
 
     def update(self, loss: torch.Tensor, clip: Optional[torch.Tensor]):
         """Fold in one sample's loss; returns {tau: (a, b)} of ``A <- a A + b g`` (a unused at the first)."""
-        out = {}
+        out, num = {}, self.num
         for tau in self.distinct:
             if tau not in self.ref:  # first sample: A is overwritten, a is unused
-                self.ref[tau], self.z[tau] = loss, torch.ones_like(loss)
+                self.ref[tau], self.z[tau] = loss, num.one_like(loss)
                 a = e = self.z[tau]
             elif tau == 0:  # plain average: every weight 1
-                a = e = torch.ones_like(loss)
+                a = e = num.one_like(loss)
                 self.z[tau] = self.z[tau] + 1
             else:
                 ref = self.ref[tau]
-                new = torch.maximum(ref, loss) if tau > 0 else torch.minimum(ref, loss)
-                a, e = torch.exp((ref - new) * tau), torch.exp((loss - new) * tau)
+                new = num.maximum(ref, loss) if tau > 0 else num.minimum(ref, loss)
+                a, e = num.exp((ref - new) * tau), num.exp((loss - new) * tau)
                 self.ref[tau], self.z[tau] = new, self.z[tau] * a + e
             out[tau] = (a, e if clip is None else e * clip)
         return out
 
-    def inverse_normalizers(self) -> Dict[float, torch.Tensor]:
+    def inverse_normalizers(self) -> Dict[float, object]:
         return {tau: 1.0 / self.z[tau] for tau in self.distinct}
 
 
@@ -64,11 +66,24 @@ def tilted_loss(losses: torch.Tensor, tilt: float, shift: Optional[torch.Tensor]
     return losses.max() + torch.log1p(torch.expm1(x).mean()) / tilt
 
 
-def weights_summary(losses: torch.Tensor, tau: float, tilt: float) -> Dict[str, torch.Tensor]:
-    """The step's tilt, as reported (docs/design.md §2): the weights softmax(tau L), their effective sample
-    size 1/sum(w^2) (1 to s; near s with a small loss range: the tilt is inert), the loss range and the
-    tilted loss."""
-    shift = shifted(losses, tau)
-    weights = torch.softmax(shift, dim=0)
-    return dict(weights=weights, ess=(weights * weights).sum().reciprocal(), loss_range=losses.max() - losses.min(),
-                tilted=tilted_loss(losses, tilt, shift if tau == tilt else None))
+class TiltReport:
+    """A finished step's tilt (docs/design.md §2): the tilted loss, and, computed when first read (a step
+    that nobody inspects pays for none of it), the weights softmax(tau L), their effective sample size
+    1/sum(w^2) (1 to s; near s with a small loss range: the tilt is inert) and the loss range."""
+
+    def __init__(self, losses: torch.Tensor, tau: float, tilt: float):
+        self.losses = losses
+        self._shift = shifted(losses, tau)
+        self.tilted = tilted_loss(losses, tilt, self._shift if tau == tilt else None)
+
+    @functools.cached_property
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self._shift, dim=0)
+
+    @functools.cached_property
+    def ess(self) -> torch.Tensor:
+        return (self.weights * self.weights).sum().reciprocal()
+
+    @functools.cached_property
+    def loss_range(self) -> torch.Tensor:
+        return self.losses.max() - self.losses.min()

@@ -22,7 +22,7 @@ def keep_g0(step, g0_sqnorm: torch.Tensor) -> None:
 def cache_correction(step) -> None:
     """At the end of a full step's evaluations: v and ||g0||^2 (cached once the step finishes)."""
     dots = [_dot(t.bucket.grad, t.bucket.cache) for t in step.targets]
-    alpha = step.reduce({"dot": dots})[1]["dot"] / step.g0_sqnorm.clamp_min(1e-30)
+    alpha = step.reduce({"dot": dots})[1]["dot"] / step.num.clamp_min(step.g0_sqnorm, 1e-30)
     for t in step.targets:
         t.bucket.cache.mul_(-step.to_bucket(alpha, t.bucket)).add_(t.bucket.grad)
     step.correction = step.g0_sqnorm
@@ -32,7 +32,7 @@ def after_reusing_correction(step, ev, loss: torch.Tensor) -> None:
     """A step between full ones: g <- g + (||g|| / ||g0||) v, with v and g0 of the last full step."""
     loss, totals = step.reduce({"grad": step.grad_parts()}, loss)
     step.losses.append(loss)
-    scale = (totals["grad"] / step.session.correction.clamp_min(1e-30)).sqrt()
+    scale = step.num.sqrt(totals["grad"] / step.num.clamp_min(step.session.correction, 1e-30))
     for t in step.targets:
         t.bucket.grad.addcmul_(t.bucket.cache, step.to_bucket(scale, t.bucket))
     step.guard.after_samples(clipped=False)

@@ -41,13 +41,14 @@ def _draw(step) -> None:
     if len(set(step.taus)) > 1:
         raise ValueError("backward_samples draws one set of samples for all parameters, so every param group "
                          f"must use the same tilt (got {sorted(set(step.taus))} after delta)")
-    w = torch.softmax(shifted(torch.stack(step.losses), step.taus[0]), dim=0)
+    losses = torch.tensor(step.losses, dtype=step.dtype) if step.num.host else torch.stack(step.losses)
+    w = torch.softmax(shifted(losses, step.taus[0]), dim=0)
     host = w.double().tolist()  # the option's one host read per step (tests/test_no_host_sync.py pins it)
     k_draws = cfg.backward_samples
     if cfg.backward_select == "top":
         drawn = sorted(range(len(host)), key=lambda i: -host[i])[:k_draws]
         top = w[drawn]
-        weights = list(top / top.sum())
+        weights = [step.num.value(x) for x in top / top.sum()]
     else:
         drawn = [_inverse_cdf(host, rng.host_uniform(rng.stream_seed(step.seed, step.k, d, rng.STREAM_SELECT)))
                  for d in range(k_draws)]

@@ -15,7 +15,7 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 def clip_factor(step, sqnorm: torch.Tensor) -> torch.Tensor:
     """min(1, max_grad_norm / ||g||): this sample's gradient clipped to the global norm."""
     norm = step.guard.clip_norm(sqnorm)
-    return torch.clamp_max(step.config.max_grad_norm / (norm + CLIP_EPS), 1.0)
+    return step.num.clamp_max(step.config.max_grad_norm / (norm + CLIP_EPS), 1.0)
 
 
 def after_sample(step, ev, loss: torch.Tensor) -> None:

@@ -28,8 +28,8 @@ def after_origin(step, ev, loss: torch.Tensor) -> None:
             named["theta"] = [t.backend.param_sqnorm(t.bucket) for t in step.targets]
     got = step.reduce(named)[1]  # one collective for them all
     if "theta" in got:
-        step.theta_norm = got["theta"].sqrt()
-    step.origin_loss, step.grad_norm = loss, got["g0"].sqrt()  # g0 comes for free: ERM's
+        step.theta_norm = step.num.sqrt(got["theta"])
+    step.origin_loss, step.grad_norm = loss, step.num.sqrt(got["g0"])  # g0 comes for free: ERM's
     if cfg.tilt_every > 1:
         periodic.keep_g0(step, got["g0"])
     if cfg.shared_ascent:
