@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -142,8 +141,7 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int, default=None,
                         help=f"GPT {key} (default {GPT_LM[key]})")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
-                    help="where the JSON and markdown go (timestamped)")
+    harness.add_output_options(ap, "the JSON and markdown")
     args = ap.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
     unknown = set(args.rows) - set(ROWS)
@@ -191,7 +189,7 @@ def main(argv=None) -> int:
             "\n\noverhead = step − time inside the closure calls (slower rank's median); floor = docs/design.md §5 "
             "over the parameters a rank holds, at the copy bandwidth each rank measured while the others did too.")
     print(text)
-    for path in harness.save(record, args.out, f"fsdp-{args.device}", markdown=text):
+    for path in harness.save(record, harness.output_dir(args), f"fsdp-{args.device}", markdown=text):
         print("wrote", path)
     return 0
 

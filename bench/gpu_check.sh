@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The Triton backend's GPU check, in one command (issue 4): build, GPU tests, GPU benchmarks.
+# The GPU check, in one command: build, GPU tests, GPU benchmarks (docs/results/ records what it measured).
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else $TSAM_FAST_RESULTS/gpu_check-<UTC date>,
 #                                            $TSAM_FAST_RESULTS defaulting to ~/.cache/tsam_fast/results)
 #
-# Stages, each under its own time cap and all within a 420 s budget (GPU_CHECK_BUDGET_S):
+# Stages, each under its own time cap and all within a 480 s budget (GPU_CHECK_BUDGET_S):
 #   1. build:      pip install --no-deps --no-build-isolation -e .   (the C++ extension too)
 #   2. tests:      tests/test_triton_backend.py (1e8-element parity, buffers over 2**31 elements, a step
 #                  under torch.cuda.set_sync_debug_mode("error")), tests/test_trajectory.py (trajectories
@@ -18,6 +18,12 @@
 # GPU_CHECK_SIZES (default 50e6,200e6,500e6) picks the gpu mode's sizes; GPU_CHECK_E2E=0 skips stage 4.
 #   4. e2e:        bench/throughput.py on a GPT-style decoder of ~110M parameters (d=768, 12 layers,
 #                  vocab 16384, 16 x 256 tokens, fp32): whole TSAM step vs 2 s forward/backward passes
+#   5. fixed:      bench/throughput.py --mode fixed on CUDA: the per-step host cost on a tiny model against
+#                  plain foreach PyTorch TSAM
+#   6. passes:     bench/passes.py on the same ~110M GPT: the paper's TSAM (s = 3) against shared_ascent,
+#                  backward_samples=1 and tilt_every=3, end to end (step time per method)
+#   7. fsdp:       bench/fsdp.py on one rank over NCCL: TSAM's overhead under FSDP2 against DDP
+# (CUDA-graph capture is not in the library yet: no stage for it.)
 # Measured on one H200 (2026-11-27): build 22 s, tests 133 s, gpu_bench 22 s, e2e 126 s: about 5 minutes.
 # Writes OUT_DIR/gpu_check.log (everything printed), OUT_DIR/gpu_check.json (stage results, device,
 # versions, the gpu mode's record), OUT_DIR/tests.xml and throughput's records (gpu-cuda-*.json/.md,
@@ -34,7 +40,7 @@ STAGES="$OUT_DIR/.stages"
 exec > >(tee -a "$LOG") 2>&1
 unset TRITON_INTERPRET  # the GPU run compiles the kernels; the interpreter would take hours at 1e8
 
-BUDGET=${GPU_CHECK_BUDGET_S:-420}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 START=$SECONDS
 
 stage() {  # stage NAME CAP_SECONDS COMMAND...: run under min(CAP, time left); record status and time
@@ -86,6 +92,11 @@ else
         --methods erm,sam,tsam_foreach,tsam_fast_triton --check-rtol 1e-3 \
         --out-dir "$OUT_DIR" || FAILED=1
     fi
+    stage fixed 60 "$PY" bench/throughput.py --mode fixed --device cuda --time-budget 45 --no-plot \
+        --out-dir "$OUT_DIR" || FAILED=1
+    stage passes 90 "$PY" bench/passes.py --models gpt110m --samples 3 --methods erm,tsam,shared,sampled1,every3 \
+        --steps 6 --warmup 2 --device cuda --out-dir "$OUT_DIR" || FAILED=1
+    stage fsdp 60 "$PY" bench/fsdp.py --world 1 --device cuda --steps 6 --out-dir "$OUT_DIR" || FAILED=1
 fi
 
 "$PY" - "$OUT_DIR" "$STAGES" "$FAILED" "$((SECONDS - START))" <<'PYEOF'

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -46,7 +45,9 @@ METHODS = {
     "sampled1": dict(shared_ascent=True, backward_samples=1),
     "every3": dict(tilt_every=3),
 }
-MODELS = {"gpt": ("gpt", GPT_LM), "mlp": ("mlp", dict(width=1024, depth=5, in_dim=256, batch=64))}
+MODELS = {"gpt": ("gpt", GPT_LM), "mlp": ("mlp", dict(width=1024, depth=5, in_dim=256, batch=64)),
+          # the ~110M-parameter GPT of the GPU's end-to-end runs (bench/gpu_check.sh)
+          "gpt110m": ("gpt", dict(dim=768, layers=12, heads=12, vocab=16384, seq_len=256, batch=16))}
 
 
 def _row(method, workload, device, s):
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="timed steps per row (a multiple of 3 keeps every3 fair)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    harness.add_output_options(ap, "the JSON and markdown")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if "tsam" not in methods or set(methods) - set(METHODS):
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
             print(text[-1] + "\n", flush=True)
     md = "\n\n".join(text) + (f"\n\nA forward-only pass counts as {FORWARD_SHARE:.2f} of a forward+backward "
                               "pass in the equivalents; times are means over the timed steps.")
-    for path in harness.save(record, args.out, f"passes-{device.type}", markdown=md):
+    for path in harness.save(record, harness.output_dir(args), f"passes-{device.type}", markdown=md):
         print("wrote", path)
     return 0
 
