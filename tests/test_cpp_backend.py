@@ -380,3 +380,43 @@ def test_fallback_when_disabled():
 def test_auto_selects_cpp_for_cpu():
     assert resolve_backend("auto", "cpu").name == "cpp"
     assert "cpu" in STATUS.devices
+
+
+@pytest.mark.skipif(not STATUS.available, reason="the C++ extension is not available here")
+@pytest.mark.parametrize("options", [dict(), dict(shared_ascent=True), dict(sampler="random", backward_samples=2),
+                                     dict(start="sphere", num_samples=2)],
+                         ids=["ascent", "shared-ascent", "sampled-backward", "sphere"])
+def test_kept_noise_is_the_regenerated_noise_bit_for_bit(monkeypatch, options):
+    """A bucket of at least KEEP_MIN elements keeps a start's noise from its norm to its use: the steps are
+    bit-identical to regenerating it, over an fp32 and a bf16 bucket, and the buffer is counted as held."""
+    from tsam_fast.backends import cpp
+
+    backend = resolve_backend("cpp", "cpu")
+    monkeypatch.setattr(cpp, "KEEP_MIN", 1000)
+    recalled, recall = [], backend._recall
+    monkeypatch.setattr(backend, "_recall", lambda bucket, seed: recalled.append(recall(bucket, seed)) or recalled[-1])
+
+    def run(keep: bool):
+        monkeypatch.setattr(backend, "keep", keep)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(40, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
+        model[2].to(torch.bfloat16)
+        x, y = torch.randn(16, 40), torch.randint(0, 3, (16,))
+        opt = tsam_fast.TSAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="cpp", radius=0.05, seed=5,
+                             **options)
+
+        def closure(backward=True):
+            loss = torch.nn.functional.cross_entropy(model[2](model[1](model[0](x)).bfloat16()).float(), y)
+            if backward:
+                loss.backward()
+            return loss
+        for _ in range(3):
+            opt.step(closure)
+        return [p.detach().clone() for p in model.parameters()], opt.extra_memory_bytes()
+
+    kept, kept_bytes = run(True)
+    assert any(xi is not None for xi in recalled), "no move used the kept noise"
+    regenerated, plain_bytes = run(False)
+    for a, b in zip(kept, regenerated):
+        assert torch.equal(a, b)
+    assert kept_bytes - plain_bytes == 4 * (40 * 40 + 40)  # the fp32 bucket keeps its noise; the bf16 one is small

@@ -26,6 +26,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import weakref
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -33,6 +34,7 @@ import torch
 
 from . import contract
 from .base import Backend, BackendStatus
+from .contract import flat_runs
 
 # Compiler flags of both builds (setup.py reads them from here). -ffp-contract=off: the kernels do the reference's
 # fp32 multiplies and adds one rounding at a time, so results match it bit for bit; no -march=native: the
@@ -164,13 +166,8 @@ class CppOps:
     """The op contract on CPU buffers via ``torch.ops.tsam_fast`` (fused, SIMD, OpenMP): one attribute per
     op of ``contract.OPS``, the registered operator itself (it takes the schema's arguments).
 
-    The noise of a random start is generated twice, once for its norm (``noise_sqnorm``) and once in the
-    update (``perturb`` / ``tilt_accumulate``), never stored (docs/design.md §5). Storing it between the
-    two passes (4 more bytes per parameter) was measured and removed: on a 2-core AMD EPYC (AVX2) VM,
-    10M-parameter fp32 MLP, s = 3, ``ascent`` (then ``bench/cpp_overhead.py --noise``, a script since folded into ``bench/throughput.py``; 2026-11-30, the
-    two variants' steps interleaved in one run), it made whole steps only 5.3% faster (median 449.1 vs
-    425.3 ms; optimizer overhead 164.3 vs 146.0 ms), and 6.6% over 30 paired steps in a second run --
-    below the 10% that would pay for the memory.
+    Each op generates the noise it needs from the counter-based generator; whether a random start's noise
+    is kept between its norm and its use is the backend's choice (``CppBackend``).
     """
 
     namespace = NAMESPACE
@@ -185,6 +182,68 @@ class CppOps:
         return getattr(torch.ops, NAMESPACE)._isa()
 
 
+#: buckets of at least this many elements keep a random start's noise from its norm to its use
+KEEP_MIN = 1 << 16
+#: ``TSAM_FAST_CPP_KEEP_NOISE=0``: never keep it (4 bytes per parameter less; the noise generated twice)
+KEEP_ENV = "TSAM_FAST_CPP_KEEP_NOISE"
+
+
+class CppBackend(Backend):
+    """The C++ ops as the engine uses them. On the CPU the counter-based noise is compute-bound (about 1 ns
+    per element on 2 AVX2 cores, against 0.1-0.2 ns for a pass over memory), and a random start needs it
+    twice: for its norm, then to move the parameters. A bucket of at least ``KEEP_MIN`` elements keeps it
+    in between (one fp32 buffer per bucket, ``held_bytes``; docs/design.md §5): ``noise_sqnorm`` writes it
+    (``fill_noise``) and sums its squares (``sqnorm``), and the ``perturb`` or ``tilt_accumulate`` of the
+    same seed runs without noise, then adds ``coef * xi`` from the buffer (``leapfrog`` without momentum):
+    the same fp32 operations, one rounding each, as the fused op's. Any other seed regenerates."""
+
+    def __init__(self, ops):
+        super().__init__("cpp", ops)
+        self._kept: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # bucket -> [seed, noise]
+        self._one = torch.ones(())
+        self.keep = os.environ.get(KEEP_ENV) != "0"
+
+    def held_bytes(self, buckets=None) -> int:
+        held = list(self._kept.items())
+        if buckets is not None:
+            ids = {id(b) for b in buckets}
+            held = [(b, h) for b, h in held if id(b) in ids]
+        return sum(h[1].numel() * h[1].element_size() for _, h in held)
+
+    def noise_sqnorm(self, bucket, seed: int) -> torch.Tensor:
+        if not self.keep or bucket.numel < KEEP_MIN:
+            return super().noise_sqnorm(bucket, seed)
+        entry = self._kept.get(bucket)
+        if entry is None or entry[1].numel() != bucket.numel:
+            entry = self._kept[bucket] = [None, torch.empty(bucket.numel, dtype=torch.float32)]
+        entry[0] = None  # overwritten below: valid again once written
+        self.ops.fill_noise(entry[1], flat_runs(bucket.noise_runs), seed, self._one)
+        entry[0] = seed
+        return self.ops.sqnorm([entry[1]], None)
+
+    def _recall(self, bucket, seed: Optional[int]) -> Optional[torch.Tensor]:
+        entry = self._kept.get(bucket) if seed is not None else None
+        return entry[1] if entry is not None and entry[0] == seed else None
+
+    def perturb(self, bucket, seed, coef, save_backup: bool = False, base=None) -> None:
+        xi = self._recall(bucket, seed)
+        if xi is None:
+            return super().perturb(bucket, seed, coef, save_backup, base)
+        self.ops.perturb(bucket.theta, bucket.backup if base is None else base, flat_runs(bucket.runs), None, coef,
+                         save_backup)
+        self.ops.leapfrog(bucket.theta, xi, coef, self._one, None, None)
+        bucket.publish()
+
+    def tilt_accumulate(self, bucket, a, b, first: bool, seed, coef, base=None) -> None:
+        xi = self._recall(bucket, seed)
+        if xi is None:
+            return super().tilt_accumulate(bucket, a, b, first, seed, coef, base)
+        self.ops.tilt_accumulate(bucket.acc, bucket.grad, a, b, first, bucket.theta,
+                                 bucket.backup if base is None else base, flat_runs(bucket.runs), None, coef)
+        self.ops.leapfrog(bucket.theta, xi, coef, self._one, None, None)
+        bucket.publish()
+
+
 def probe() -> Tuple[Optional[Backend], BackendStatus]:
     """(backend, status): the backend if the operators load here, else None and the original reason."""
     if os.environ.get("TSAM_FAST_CPP_DISABLE") == "1":
@@ -195,7 +254,7 @@ def probe() -> Tuple[Optional[Backend], BackendStatus]:
         _register_fakes()
         ops = CppOps()
         isa = ops.isa
-        backend = Backend("cpp", ops)
+        backend = CppBackend(ops)
     except Exception as exc:
         return None, BackendStatus("cpp", False, ("cpu",), f"the C++ extension could not be loaded: {exc}")
     return backend, BackendStatus("cpp", True, ("cpu",),
