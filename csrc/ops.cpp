@@ -364,13 +364,43 @@ std::string set_isa(const std::string& name) {
   return prev;
 }
 
+// ---- gradient marks (tsam_fast/flat.py) ---------------------------------------------------------------
+// One autograd hook per parameter that writes marks[slots[k]] when params[k]'s gradient is computed: 1 + the
+// gradient's at::Layout (1 for strided; any other is refused, by name, in Python). A C++ hook runs without the
+// GIL or a Python call: a Python hook costs 3-5 us per parameter per backward. The lambdas hold the marks
+// tensor, so it outlives them; returns the hooks' handles for unmark_gradients.
+std::vector<int64_t> mark_gradients(std::vector<at::Tensor> params, at::Tensor marks, std::vector<int64_t> slots) {
+  TORCH_CHECK(marks.device().is_cpu() && marks.scalar_type() == at::kByte && marks.is_contiguous() &&
+                  slots.size() == params.size(),
+              "tsam_fast: _mark_gradients needs a contiguous uint8 CPU marks tensor and one slot per parameter");
+  std::vector<int64_t> handles;
+  handles.reserve(params.size());
+  for (size_t k = 0; k < params.size(); ++k) {
+    TORCH_CHECK(params[k].requires_grad(), "tsam_fast: _mark_gradients on a tensor that does not require grad");
+    TORCH_CHECK(slots[k] >= 0 && slots[k] < marks.numel(), "tsam_fast: _mark_gradients slot out of range");
+    at::Tensor keep = marks;
+    const int64_t slot = slots[k];
+    handles.push_back(params[k].register_hook([keep, slot](const at::TensorBase& grad) {
+      keep.data_ptr<uint8_t>()[slot] = static_cast<uint8_t>(1 + static_cast<int>(grad.layout()));
+    }));
+  }
+  return handles;
+}
+
+void unmark_gradients(std::vector<at::Tensor> params, std::vector<int64_t> handles) {
+  TORCH_CHECK(params.size() == handles.size(), "tsam_fast: _unmark_gradients needs one handle per parameter");
+  for (size_t i = 0; i < params.size(); ++i) params[i].remove_hook(static_cast<unsigned>(handles[i]));
+}
+
 }  // namespace
 
-// The diagnostics ops (tests, debugging; not part of the op contract).
+// The diagnostics and helper ops (not part of the op contract).
 TORCH_LIBRARY_FRAGMENT(tsam_fast, m) {
   m.def("_philox_words(int seed, int counter, int ncounters) -> Tensor");
   m.def("_isa() -> str", &isa);
   m.def("_set_isa(str isa) -> str", &set_isa);
+  m.def("_mark_gradients(Tensor[] params, Tensor marks, int[] slots) -> int[]", &mark_gradients);
+  m.def("_unmark_gradients(Tensor[] params, int[] handles) -> ()", &unmark_gradients);
 }
 
 // The contract's kernels; their schemas come from contract.py (defined after this library is loaded).

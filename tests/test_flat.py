@@ -222,3 +222,34 @@ def test_sparse_gradients_are_rejected():
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step(lambda: (l := emb(torch.tensor([1, 2])).sum()).backward() or l)
     assert torch.equal(emb.weight, w0)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpp-hooks", "python-hooks"])
+def test_gradient_marks_with_either_hook(monkeypatch, native):
+    """Which parameters received a gradient is marked by the C++ extension's hooks when it is loaded (no
+    Python call per parameter in the backward), else by Python hooks; either way a parameter unused in every
+    evaluation ends the step with ``grad=None`` (as torch.optim leaves it), a sparse gradient is refused by
+    name, and a call with no gradient at all is an error."""
+    import tsam_fast
+    from tsam_fast import flat
+    tsam_fast.backend_info()  # probes the C++ backend: loads the extension where it can run
+    if native and flat._native_marker() is None:
+        pytest.skip("the C++ extension is not loaded here")
+    if not native:
+        monkeypatch.setattr(flat, "_native_marker", lambda: None)
+    torch.manual_seed(0)
+    used, unused = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    opt = TSAM(list(used.parameters()) + list(unused.parameters()), torch.optim.SGD, lr=0.1, backend="reference")
+    x = torch.randn(8, 4)
+    opt.step(lambda: (loss := used(x).square().mean()).backward() or loss)
+    assert (opt._layout._native is not None) == native
+    assert all(p.grad is not None for p in used.parameters()) and all(p.grad is None for p in unused.parameters())
+    with pytest.raises(RuntimeError, match="no parameter received a gradient"):
+        opt.step(lambda: torch.zeros((), requires_grad=True).sum())
+
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = TSAM(emb.parameters(), torch.optim.SGD, lr=0.1, backend="reference")
+    before = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"group 0 parameter 0 received a torch.sparse_coo gradient.*sparse=False"):
+        opt.step(lambda: (loss := emb(torch.tensor([1, 2])).sum()).backward() or loss)
+    assert torch.equal(emb.weight.detach(), before)

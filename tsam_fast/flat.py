@@ -34,6 +34,7 @@ What the layout guarantees:
 
 from __future__ import annotations
 
+import ctypes
 import math
 import weakref
 from typing import Dict, List, Optional, Tuple
@@ -47,9 +48,11 @@ from .sharding import Sharding, _fsdp_modules_of, check_parameter
 class _GradHook:
     """Marks a trainable parameter touched when it receives a gradient; rejects sparse gradients.
 
-    A plain parameter gets it as a tensor hook (called with the gradient). A sharded (FSDP2) parameter
-    is not in the autograd graph (its unsharded twin is), so it gets it as a post-accumulate-grad hook,
-    which FSDP2 calls on the sharded parameter once the reduce-scattered gradient is in ``.grad``."""
+    A plain parameter gets the C++ extension's hook when the extension is loaded (``_mark_gradients``: no
+    Python call in the backward), else this one as a tensor hook (called with the gradient). A sharded
+    (FSDP2) parameter is not in the autograd graph (its unsharded twin is), so it gets this one as a
+    post-accumulate-grad hook, which FSDP2 calls on the sharded parameter once the reduce-scattered
+    gradient is in ``.grad``."""
 
     __slots__ = ("layout", "index")
 
@@ -62,11 +65,25 @@ class _GradHook:
         if layout is None or not layout.active:
             return None
         if grad.layout != torch.strided:
-            raise RuntimeError(
-                f"TSAM does not support sparse gradients (parameter {layout.names[self.index]} received a "
-                f"{grad.layout} gradient); use dense gradients, e.g. nn.Embedding(..., sparse=False)")
-        layout.touched[self.index] = True
+            raise RuntimeError(_sparse_message(layout.names[self.index], grad.layout))
+        layout.marks[self.index] = 1
         return None
+
+
+# at::Layout's order: the C++ hook writes 1 + the gradient's layout
+_LAYOUTS = ("torch.strided", "torch.sparse_coo", "torch.sparse_csr", "torch._mkldnn", "torch.sparse_csc",
+            "torch.sparse_bsr", "torch.sparse_bsc", "torch.jagged")
+
+
+def _sparse_message(name: str, layout) -> str:
+    return (f"TSAM does not support sparse gradients (parameter {name} received a {layout} gradient); use dense "
+            "gradients, e.g. nn.Embedding(..., sparse=False)")
+
+
+def _native_marker():
+    """The C++ extension's ``_mark_gradients`` when the extension is loaded here, else None (the Python hooks)."""
+    ops = getattr(torch.ops, "tsam_fast", None)
+    return getattr(ops, "_mark_gradients", None) if ops is not None and hasattr(ops, "_isa") else None
 
 
 def _key(p: torch.Tensor, sharded: bool) -> tuple:
@@ -130,11 +147,24 @@ class FlatLayout:
         for bucket in self.buckets:
             self._pack(bucket, pending[id(bucket)], index_of)
         self.fsdp_modules = _fsdp_modules_of(self.params) if self.shard_group is not None else []
-        self.touched = [False] * len(self.params)
-        self.used = [False] * len(self.params)
+        # which parameters received a gradient in the current call (0 none, 1 dense, 2 sparse: refused): one
+        # byte each, written by the hooks; a ctypes view reads and writes them without tensor ops
+        n = len(self.params)
+        self._marks_tensor = torch.zeros(max(n, 1), dtype=torch.uint8)
+        self.marks = (ctypes.c_uint8 * max(n, 1)).from_address(self._marks_tensor.data_ptr())
+        self.used = 0  # bit i: parameter i received a gradient in some call of the step
+        sharded_indices = self._sharded_indices
+        native = _native_marker()
+        plain = [i for i in range(n) if i not in sharded_indices] if native is not None else []
+        self._native = None
+        if plain:
+            hooked = [self.params[i] for i in plain]
+            self._native = (hooked, native(hooked, self._marks_tensor, plain))
         for i, p in enumerate(self.params):
+            sharded = i in sharded_indices
+            if plain and not sharded:
+                continue  # the C++ hook marks it
             hook = _GradHook(self, i)
-            sharded = i in self._sharded_indices
             self._hook_handles.append(p.register_post_accumulate_grad_hook(hook) if sharded else p.register_hook(hook))
 
     def reshard(self) -> None:
@@ -216,6 +246,9 @@ class FlatLayout:
         for h in self._hook_handles:
             h.remove()
         self._hook_handles = []
+        if self._native is not None:
+            torch.ops.tsam_fast._unmark_gradients(*self._native)
+            self._native = None
 
     def stale(self) -> Optional[str]:
         """The name of the first parameter whose storage, dtype, device or shape changed since the layout
@@ -236,11 +269,11 @@ class FlatLayout:
             for p, gview in zip(bucket.params, bucket.grad_views):
                 if p.grad is not gview:
                     p.grad = gview
-        self.touched = [False] * len(self.params)
+        ctypes.memset(self.marks, 0, len(self.params))
 
     def zero_grads_in_step(self) -> None:
         """``optimizer.zero_grad()`` called inside the closure: zero the views, keep them attached."""
-        if any(self.touched):
+        if any(bytes(self.marks)):
             self.begin_call()
 
     def end_call(self) -> bool:
@@ -252,7 +285,7 @@ class FlatLayout:
                     continue
                 if g is None:  # dropped by the user (zero_grad after backward): no gradient in this call
                     gview.zero_()
-                    self.touched[i] = False
+                    self.marks[i] = 0
                 else:  # a fresh tensor: the closure set grads to None before backward
                     if g.layout != torch.strided:
                         raise RuntimeError(f"TSAM does not support sparse gradients ({self.names[i]})")
@@ -261,23 +294,25 @@ class FlatLayout:
                     else:
                         gview.copy_(g)
                 p.grad = gview
-        any_grad = False
-        for i, t in enumerate(self.touched):
-            if t:
-                self.used[i] = True
-                any_grad = True
-        return any_grad
+        marks = bytes(self.marks)[:len(self.params)]
+        if marks.count(0) + marks.count(1) != len(marks):  # 1 + the layout of a non-strided gradient
+            i = next(i for i, m in enumerate(marks) if m > 1)
+            layout = _LAYOUTS[marks[i] - 1] if marks[i] - 1 < len(_LAYOUTS) else "non-strided"
+            raise RuntimeError(_sparse_message(self.names[i], layout))
+        self.used |= int.from_bytes(marks, "little")
+        return any(marks)
 
     def begin_step(self) -> None:
         """A frozen parameter keeps no gradient (a stale one would let the base optimizer move it)."""
         for p in self.frozen:
             p.grad = None
-        self.used = [False] * len(self.params)
+        self.used = 0
         self.active = True
 
     def end_step(self) -> None:
         """Parameters that received no gradient in any call of the step get ``grad = None``."""
         self.active = False
+        used = self.used.to_bytes(max(len(self.params), 1), "little")
         for i, p in enumerate(self.params):
-            if not self.used[i]:
+            if not used[i]:
                 p.grad = None
