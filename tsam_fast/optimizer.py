@@ -30,6 +30,11 @@ GROUP_KEYS = tuple(o.name for o in options.by_scope("group"))
 _STEP_OPTIONS = tuple(o.name for o in options.by_scope("step"))
 
 
+def _last_tilt(name: str, doc: str) -> property:
+    """A diagnostic of the last step, read from its ``TiltReport`` (None before a step)."""
+    return property(lambda self: getattr(self._last_tilt, name) if self._last_tilt is not None else None, doc=doc)
+
+
 class TSAM(CheckpointMixin, torch.optim.Optimizer):
     __doc__ = r"""Tilted SAM (Li, Zhou & Bilmes, ICML 2025) around any ``torch.optim`` base optimizer.
 
@@ -219,25 +224,12 @@ class TSAM(CheckpointMixin, torch.optim.Optimizer):
         return dict(ess=self.last_ess, max_weight=self.last_weights.max(), loss_range=self.last_loss_range,
                     losses=self.last_losses, weights=self.last_weights)
 
-    @property
-    def last_losses(self) -> Optional[torch.Tensor]:
-        """The last step's sample losses (averaged over the ranks), a device tensor; None before a step."""
-        return self._last_tilt.losses if self._last_tilt is not None else None
-
-    @property
-    def last_weights(self) -> Optional[torch.Tensor]:
-        """The last step's tilt weights softmax((t - delta) L) (group 0's tilt); computed when first read."""
-        return self._last_tilt.weights if self._last_tilt is not None else None
-
-    @property
-    def last_ess(self) -> Optional[torch.Tensor]:
-        """The effective sample size 1/sum(w^2) of the last step's weights (1 to s)."""
-        return self._last_tilt.ess if self._last_tilt is not None else None
-
-    @property
-    def last_loss_range(self) -> Optional[torch.Tensor]:
-        """max - min of the last step's sample losses."""
-        return self._last_tilt.loss_range if self._last_tilt is not None else None
+    last_losses = _last_tilt("losses", "The last step's sample losses (averaged over the ranks), a device tensor; "
+                                       "None before a step.")
+    last_weights = _last_tilt("weights", "The last step's tilt weights softmax((t - delta) L) (group 0's tilt); "
+                                         "computed when first read.")
+    last_ess = _last_tilt("ess", "The effective sample size 1/sum(w^2) of the last step's weights (1 to s).")
+    last_loss_range = _last_tilt("loss_range", "max - min of the last step's sample losses.")
 
     @property
     def step_count(self) -> int:
