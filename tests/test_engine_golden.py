@@ -57,3 +57,23 @@ def test_host_scalars_follow_the_recorded_trajectory_closely(backend, case):
     # the host path runs (its float64 scalars round differently somewhere), except where the only scalar math
     # is the tilt's two exponentials (no start: "random-none"), which round alike here
     assert case == "random-none" or any(got["params"][n] != want["params"][n] for n in want["params"]), f"{backend} {case}: bit-identical"
+
+
+def test_host_numbers_do_what_the_tensor_ops_do():
+    """HostNumbers' functions against the torch ops of the same names, NaN and infinities included."""
+    import math
+
+    from tsam_fast.engine.numbers import DeviceNumbers, HostNumbers
+    values = [0.0, 1e-30, 0.5, 2.0, 3.0, math.inf, -math.inf, math.nan, -1.5]
+    for a in values:
+        for name, args in (("sqrt", (abs(a),)), ("exp", (min(a, 80.0),)), ("reciprocal", (a,)),
+                           ("clamp_min", (a, 1e-3)), ("clamp_max", (a, 1.0)), ("isfinite", (a,))):
+            host = getattr(HostNumbers, name)(*args)
+            device = getattr(DeviceNumbers, name)(torch.tensor(args[0], dtype=torch.float64), *args[1:])
+            assert (math.isnan(host) and torch.isnan(device)) or host == device.item(), (name, args)
+        for b in values:
+            for name in ("maximum", "minimum"):
+                host = getattr(HostNumbers, name)(a, b)
+                device = getattr(DeviceNumbers, name)(torch.tensor(a, dtype=torch.float64),
+                                                      torch.tensor(b, dtype=torch.float64))
+                assert (math.isnan(host) and torch.isnan(device)) or host == device.item(), (name, a, b)

@@ -50,9 +50,15 @@ class HostNumbers:
     host = True
     sqrt = staticmethod(math.sqrt)
     exp = staticmethod(math.exp)
-    maximum = staticmethod(max)
-    minimum = staticmethod(min)
     isfinite = staticmethod(math.isfinite)
+
+    @staticmethod
+    def maximum(a: float, b: float) -> float:
+        return a if a != a or a > b else b  # NaN wins, as in torch.maximum
+
+    @staticmethod
+    def minimum(a: float, b: float) -> float:
+        return a if a != a or a < b else b
 
     @staticmethod
     def reciprocal(x: float) -> float:
