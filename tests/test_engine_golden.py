@@ -48,7 +48,7 @@ def test_host_scalars_follow_the_recorded_trajectory_closely(backend, case):
         pytest.skip(f"the {backend} backend does not run on the CPU here")
     got, want = run(backend, case), GOLDEN[(backend, case)]
     for k, (g, w) in enumerate(zip(got["steps"], want["steps"])):
-        for key in ("losses", "weights"):
+        for key in ("losses", "weights", "tilted"):
             torch.testing.assert_close(torch.tensor(g[key]), torch.tensor(w[key]), rtol=2e-5, atol=1e-6,
                                        msg=f"{backend} {case} step {k} {key}")
     for name in want["params"]:

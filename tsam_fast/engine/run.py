@@ -168,8 +168,9 @@ class StepRun:
                 f"finish() was called after {position} of the step's {len(step.plan)} evaluations; record "
                 "every evaluation's loss first (the step was abandoned: parameters restored, state unchanged)")
         self.layout.end_step()
-        losses = torch.tensor(step.losses, dtype=step.dtype) if step.num.host else torch.stack(step.losses)
-        tilt = TiltReport(losses, step.taus[step.group0], step.tilts[step.group0])
+        tilt = TiltReport(step.losses if step.num.host else torch.stack(step.losses), step.taus[step.group0],
+                          step.tilts[step.group0], step.num, step.dtype)
+        losses = tilt.losses
         self.session.release(self)
         failed, out_of_step = step.guard.failed(step.comms.out_of_step)  # the step's one host read
         if out_of_step:

@@ -4,6 +4,7 @@ shifted exponents, the tilted loss. Pure: nothing here knows of buckets, ranks o
 from __future__ import annotations
 
 import functools
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -49,6 +50,14 @@ class TiltState:
         return {tau: 1.0 / self.z[tau] for tau in self.distinct}
 
 
+def _tilted_host(losses: List[float], tilt: float, num) -> float:
+    """``tilted_loss`` of host floats, in float64 (the same formula: no overflow, no cancellation)."""
+    if tilt == 0:
+        return sum(losses) / len(losses)
+    top = functools.reduce(num.maximum, losses)
+    return top + math.log1p(sum(math.expm1((x - top) * tilt) for x in losses) / len(losses)) / tilt
+
+
 def shifted(losses: torch.Tensor, tau: float) -> torch.Tensor:
     """tau * (L - r) with r the loss maximising tau * L: softmax-equivalent to tau * L, never overflowing."""
     if tau == 0:
@@ -71,14 +80,20 @@ class TiltReport:
     that nobody inspects pays for none of it), the weights softmax(tau L), their effective sample size
     1/sum(w^2) (1 to s; near s with a small loss range: the tilt is inert) and the loss range."""
 
-    def __init__(self, losses: torch.Tensor, tau: float, tilt: float):
+    def __init__(self, losses, tau: float, tilt: float, num=None, dtype: torch.dtype = torch.float32):
+        self._tau = tau
+        if num is not None and num.host:  # host floats: the tilted loss in float64, then one tensor each
+            self.losses = torch.tensor(losses, dtype=dtype)
+            self.tilted = torch.tensor(_tilted_host(losses, tilt, num), dtype=dtype)
+            return
         self.losses = losses
         self._shift = shifted(losses, tau)
         self.tilted = tilted_loss(losses, tilt, self._shift if tau == tilt else None)
 
     @functools.cached_property
     def weights(self) -> torch.Tensor:
-        return torch.softmax(self._shift, dim=0)
+        shift = self.__dict__.get("_shift")
+        return torch.softmax(shifted(self.losses, self._tau) if shift is None else shift, dim=0)
 
     @functools.cached_property
     def ess(self) -> torch.Tensor:
