@@ -5,6 +5,14 @@ commit 7061d99, the last of the single-file engine). A refactoring of the engine
 Each case runs 7 steps (enough for the periodic tilt's full, between and next full steps) on the golden
 model of tests/golden_cases.py, with its two param groups (tilts and rho differ) where the variant allows,
 and records the parameters and every step's sample losses, tilt weights and tilted loss.
+
+Re-recorded since, on purpose, and only that case (``python tests/record_engine_golden.py --case NAME``):
+
+- ``tilt-every`` (2026-12-04, branch periodic-tilt): a step between full ones hands the base optimizer
+  beta g + ||g|| v/||g0|| (beta = G.g0/||g0||^2, the tilted gradient's own part along g0) where it handed
+  g + ||g|| v/||g0||, which dropped the tilt's stretch along g0: about 9% shorter steps, behind TSAM on a
+  short schedule (docs/results/2026-12-04-periodic-tilt.md).
+  Its full steps, and every other case, are the bits recorded at 7061d99.
 """
 
 from __future__ import annotations

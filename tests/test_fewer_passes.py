@@ -219,8 +219,8 @@ def _flat(tensors):
 @pytest.mark.parametrize("kw", [dict(), dict(shared_ascent=True), dict(sampler="random", backward_samples=2)])
 def test_periodic_tilt_steps_with_the_cached_orthogonal_correction(kw):
     """tilt_every=3, recomputed by hand: the full step is the ordinary one (its extra evaluation at theta0
-    moves nothing); the two steps after it use g + (||g|| / ||g0||) v with v = G - (G.g0/||g0||^2) g0 from
-    the full step's tilted gradient G and plain gradient g0."""
+    moves nothing); the two steps after it use beta g + (||g|| / ||g0||) v with beta = G.g0/||g0||^2 and
+    v = G - beta g0 from the full step's tilted gradient G and plain gradient g0."""
     model, (x, y) = _model(), _data()
     twin = _model()
     opts = dict(BASE, momentum=0.0, **kw)
@@ -244,7 +244,9 @@ def test_periodic_tilt_steps_with_the_cached_orthogonal_correction(kw):
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b), "the full step must be the ordinary step"
     big_g, g0 = _flat(p.grad for p in model.parameters()), grad_at(theta0)
-    v = big_g - (big_g @ g0) / (g0 @ g0) * g0
+    beta = (big_g @ g0) / (g0 @ g0)
+    v = big_g - beta * g0
+    assert abs(float(beta) - 1) > 1e-3, "beta = 1 would not tell the step from g + (||g|| / ||g0||) v"
     for _ in range(2):
         calls = []
         theta = _flat(model.parameters())
@@ -253,9 +255,27 @@ def test_periodic_tilt_steps_with_the_cached_orthogonal_correction(kw):
         opt.step(_plain_closure(model, x, y, calls) if "backward_samples" not in kw else
                  (lambda backward=True, c=calls: c.append(1) or _closure(model, x, y)(backward)))
         assert len(calls) == 1
-        want = theta - BASE["lr"] * (g + g.norm() / g0.norm() * v)
+        want = theta - BASE["lr"] * (beta * g + g.norm() / g0.norm() * v)
         assert_close(_flat(model.parameters()), want, rtol=1e-5, atol=1e-6, what="between step")
     assert opt.evaluations_per_step > 1  # step 3: full again
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_periodic_tilt_between_step_at_the_full_steps_point_is_its_tilted_gradient(device_path, monkeypatch):
+    """Nothing stale: a step between full ones at the full step's own weights and batch (lr 0) hands the base
+    optimizer the full step's tilted gradient G, its part along g0 included (beta g0 + v = G). The step
+    before 2026-12-04, g + (||g||/||g0||) v, gave G - (beta - 1) g0 here: about 9% short, it lagged TSAM on
+    a short schedule (docs/results/2026-12-04-periodic-tilt.md)."""
+    if device_path:
+        from tsam_fast.engine import numbers
+        monkeypatch.setattr(numbers, "HOST_ON_CPU", False)
+    model, (x, y) = _model(), _data()
+    opt = TSAM(model.parameters(), torch.optim.SGD, **dict(BASE, lr=0.0, momentum=0.0), tilt_every=3)
+    opt.step(_plain_closure(model, x, y))
+    big_g = _flat(p.grad for p in model.parameters())
+    opt.step(_plain_closure(model, x, y))
+    assert opt.step_count == 2 and opt.evaluations_per_step == 1  # that was a step between
+    assert_close(_flat(p.grad for p in model.parameters()), big_g, rtol=1e-5, atol=1e-7, what="between step at g0")
 
 
 def test_periodic_tilt_every_1_is_the_full_algorithm():

@@ -211,9 +211,10 @@ OPTIONS: Tuple[Option, ...] = (
            "`\"top\"`: the K of largest weight instead of a draw"),
     Option("tilt_every", 1, _int(1), "step", "fewer passes",
            "k (in the spirit of LookSAM): the full step every k-th step, with one more evaluation at theta0 "
-           "(role ``\"origin\"``) whose gradient g0 splits the tilted gradient G; G's part orthogonal to g0, v, "
-           "is cached (one more parameter-sized buffer) and the k - 1 steps between evaluate theta0 once and "
-           "step with ``g + (||g|| / ||g0||) v``. Not in the state_dict: after a load the next step is full.",
+           "(role ``\"origin\"``) whose gradient g0 splits the tilted gradient G = beta g0 + v (beta = "
+           "G.g0/||g0||^2, v orthogonal to g0); beta and v/||g0|| are cached (one more parameter-sized buffer) "
+           "and the k - 1 steps between evaluate theta0 once and step with ``beta g + (||g|| / ||g0||) v`` (G "
+           "itself when g = g0). Not in the state_dict: after a load the next step is full.",
            "the full step every k-th step; the others take one pass plus the cached tilted correction"),
     # numerics
     Option("max_grad_norm", None, _number(allow_none=True, strict=True), "step", "numerics",
