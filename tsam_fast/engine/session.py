@@ -23,7 +23,8 @@ class Session:
     ``attempts``: runs begun since construction or the last load (the tags number them, docs/design.md
     §6.1); ``tags_seen``: whether a tagged all-reduce was checked yet (the first is read at once);
     ``broken``: why a step failed on this rank of several (no further step until a load); ``correction``:
-    with ``tilt_every``, ||g0||^2 of the correction cached in the buckets (None: the next step is full);
+    with ``tilt_every``, beta = G.g0/||g0||^2 of the full step whose v/||g0|| is cached in the buckets (None:
+    the next step is full);
     ``start_state``: context managers that put other state (batch-norm statistics) back as the step began,
     for ``TSAM.unperturbed()``; ``constants``: the steps' constant device scalars, never written to."""
 

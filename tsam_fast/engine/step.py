@@ -73,7 +73,7 @@ class Step:
         if cfg.tilt_every > 1 and not self.reuses_correction:
             session.correction = None  # this full step rewrites the cache; valid again once it finishes
         self.g0_sqnorm: Optional[torch.Tensor] = None  # tilt_every: ||g0||^2 of this full step
-        self.correction: Optional[torch.Tensor] = None  # ... and the cache's, once its evaluations are done
+        self.correction = None  # tilt_every: beta of this full step, kept once its evaluations are done
         self.plan = list(cfg.plan_at(self.k, self.reuses_correction))  # a tilt-sampled backward fills in its draws
         self.starts: Dict[int, Tuple[Optional[int], List[torch.Tensor]]] = {}  # j -> (seed, coefs) of its start
 
