@@ -77,3 +77,34 @@ def test_host_numbers_do_what_the_tensor_ops_do():
                 device = getattr(DeviceNumbers, name)(torch.tensor(a, dtype=torch.float64),
                                                       torch.tensor(b, dtype=torch.float64))
                 assert (math.isnan(host) and torch.isnan(device)) or host == device.item(), (name, a, b)
+
+
+def test_host_path_is_taken_only_where_its_reads_are_free(monkeypatch):
+    """Host floats only for a CPU step in one process without a GradScaler, and every read they make goes
+    through HostNumbers.value, which refuses any tensor that is not on the CPU (a read there would be a
+    device sync inside the step)."""
+    import tsam_fast
+    from tsam_fast.engine import numbers
+    from tsam_fast.engine.numbers import DeviceNumbers, HostNumbers
+
+    with pytest.raises(RuntimeError, match="device sync inside the step"):
+        HostNumbers.value(torch.zeros((), device="meta"))
+
+    def kind(**kw):
+        p = torch.nn.Parameter(torch.randn(5))
+        run = tsam_fast.TSAM([p], torch.optim.SGD, lr=0.1, backend="reference", **kw).begin_step()
+        try:
+            return run.step.num
+        finally:
+            run.abandon()
+    assert kind() is HostNumbers
+    assert kind(grad_scaler=torch.amp.GradScaler("cpu")) is DeviceNumbers
+    monkeypatch.setattr(numbers, "HOST_ON_CPU", False)
+    assert kind() is DeviceNumbers
+
+    reads = []  # during CPU steps, every .item() is of a CPU tensor and comes from HostNumbers.value
+    original = torch.Tensor.item
+    monkeypatch.setattr(numbers, "HOST_ON_CPU", True)
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(self.device.type) or original(self))
+    run(BACKENDS[0], "ascent-adaptive-clip")
+    assert reads and set(reads) == {"cpu"}

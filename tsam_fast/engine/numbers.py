@@ -78,5 +78,9 @@ class HostNumbers:
 
     @staticmethod
     def value(t: torch.Tensor) -> float:
-        """An op's 0-dim result (a CPU tensor: reading it waits for nothing) as a float."""
+        """A 0-dim CPU tensor (reading it waits for nothing) as a float: the host path's only read. Anything
+        else would be a device sync inside a step, which the host path must never make: refused."""
+        if t.device.type != "cpu":
+            raise RuntimeError(f"tsam_fast: a CPU step's host scalars read a {t.device} tensor: that would be a "
+                               "device sync inside the step (a bug in the engine's choice of numbers)")
         return t.item()

@@ -134,8 +134,9 @@ class StepRun:
             # a copy: the user may later overwrite a buffer of their own
             if loss.dim():
                 loss = loss.reshape(())
-            if step.num.host:  # a CPU step's scalars are host floats (tsam_fast.engine.numbers)
-                loss = loss.item()
+            if step.num.host:  # a CPU step's scalars are host floats (tsam_fast.engine.numbers); a loss on
+                # another device comes over as the device path's loss always did (a blocking copy to the CPU)
+                loss = step.num.value(loss.detach() if loss.device.type == "cpu" else loss.detach().cpu())
             elif loss.device == step.device and loss.dtype == step.dtype:
                 loss = loss.detach().clone()
             else:

@@ -118,7 +118,7 @@ class Step:
         sums as the step's kind of number."""
         loss, totals = self.comms.reduce(named, loss, self.position)
         if self.num.host:
-            totals = {name: total.item() for name, total in totals.items()}
+            totals = {name: self.num.value(total) for name, total in totals.items()}
         return loss, totals
 
     def grad_parts(self, adaptive: bool = False) -> List[torch.Tensor]:
